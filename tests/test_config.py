@@ -1,0 +1,55 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from kotonoha.config import load_config, parse_overrides
+from kotonoha.errors import UserError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    steps: int = 10
+    compile: bool = False
+    warmup: int | None = None
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 20\noptim:\n  lr: 3e-4\n")
+    cfg = load_config(Cfg, p, ["optim.betas=[0.8,0.9]", "compile=true", "warmup=5"])
+    assert cfg.steps == 20 and cfg.optim.lr == 3e-4 and cfg.optim.betas == [0.8, 0.9]
+    assert cfg.compile is True and cfg.warmup == 5
+    assert load_config(Cfg, None, ["warmup=null"]).warmup is None
+
+
+def test_parse_overrides_nested():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("steps: [1", [], "not valid YAML at line"),
+    ("- 1\n- 2\n", [], "must contain a mapping"),
+    ("", ["stepz=3"], "Unknown setting"),
+    ("", ["steps=abc"], "config.steps must be a int"),
+    ("", ["optim.lr=fast"], "must be a float"),
+    ("", ["steps"], "must look like key=value"),
+    ("", ["compile=1"], "must be a bool"),
+])
+def test_bad_configs(tmp_path, text, overrides, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_config(Cfg, p, overrides)
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(Cfg, "/nonexistent/config.yaml")

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from kotonoha.errors import UserError
+from kotonoha.info import count_params, describe
+from kotonoha.model import KVCache, ModelConfig, Transformer, flops_per_token, preset
+
+VARIANTS = {
+    "llama": {},
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, n_kv_head=4),
+    "gemma": dict(mlp="geglu", qk_norm=True, post_norms=True, embed_scale=True,
+                  sliding_window=6, global_every=2, rope_local_theta=100.0, head_dim=32),
+    "untied": dict(tie_embeddings=False, qkv_bias=True),
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def model(request):
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", **VARIANTS[request.param])).eval()
+
+
+def test_kv_cache_matches_full_recompute(model):
+    cfg = model.cfg
+    idx = torch.randint(0, cfg.vocab_size, (3, 24))
+    full = model(idx)
+    cache = KVCache(cfg, batch_size=3, max_len=32)
+    steps = [model(idx[:, :10], positions=torch.arange(10).expand(3, 10), cache=cache)]
+    for t in range(10, 24):
+        steps.append(model(idx[:, t : t + 1], positions=torch.full((3, 1), t), cache=cache))
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+def test_cache_rows_reused_and_gathered(model):
+    """A row of the cache can be refilled by a new sequence; other rows are untouched."""
+    cfg = model.cfg
+    a, b = torch.randint(0, cfg.vocab_size, (2, 12))
+    cache = KVCache(cfg, batch_size=2, max_len=16)
+    model(torch.stack([a, b]), positions=torch.arange(12).expand(2, 12), cache=cache)
+    c = torch.randint(0, cfg.vocab_size, (1, 5))
+    rows = torch.tensor([1])
+    out = model(c, positions=torch.arange(5)[None], cache=cache, rows=rows, kv_len=16)
+    assert (out - model(c)).abs().max() < 1e-4
+    nxt = torch.randint(0, cfg.vocab_size, (1, 1))
+    out_a = model(nxt, positions=torch.tensor([[12]]), cache=cache, rows=torch.tensor([0]))
+    ref = model(torch.cat([a[None], nxt], 1))[:, -1:]
+    assert (out_a - ref).abs().max() < 1e-4
+
+
+def test_attention_weights_and_hidden_states(model):
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 10))
+    out = model(idx, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == model.cfg.n_layer == len(out.hidden_states)
+    w = out.attentions[0]
+    assert w.shape == (2, model.cfg.n_head, 10, 10)
+    assert torch.allclose(w.sum(-1), torch.ones(2, model.cfg.n_head, 10), atol=1e-5)
+    assert (w.triu(1) == 0).all()
+    assert (out.logits - model(idx)).abs().max() < 1e-4
+    lens_last = model.logits_from_hidden(out.hidden_states[-1])
+    assert (lens_last - out.logits).abs().max() < 1e-5
+
+
+def test_sliding_window_limits_attention():
+    cfg = preset("tiny", sliding_window=3)
+    model = Transformer(cfg).eval()
+    out = model(torch.randint(0, cfg.vocab_size, (1, 8)), output_attentions=True)
+    w = out.attentions[0][0, 0]
+    assert (w[7, :5] == 0).all() and (w[7, 5:] > 0).all()
+
+
+def test_training_step_reduces_loss():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    idx = torch.randint(0, 512, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gpt3_counts_175b_on_meta_device():
+    total, _ = count_params(preset("gpt3"))
+    assert abs(total - 175e9) / 175e9 < 0.01
+    assert "174.60 G" in describe(preset("gpt3"))
+
+
+@pytest.mark.parametrize("name,expected", [("gpt2", 124.4e6), ("smollm2-135m", 134.5e6),
+                                           ("gpt2-xl", 1.558e9), ("gpt1", 116.5e6),
+                                           ("gemma3-270m", 268.1e6)])
+def test_preset_sizes(name, expected):
+    total, _ = count_params(preset(name))
+    assert abs(total - expected) / expected < 0.01
+
+
+def test_flops_rule_of_thumb():
+    cfg = preset("gpt2")
+    f = flops_per_token(cfg, 1024)
+    total, _ = count_params(cfg)
+    assert 6 * total * 0.95 < f["training"] < 6 * total * 1.3
+
+
+def test_config_errors():
+    with pytest.raises(UserError, match="divisible"):
+        ModelConfig(d_model=65, n_head=4)
+    with pytest.raises(UserError, match="multiple"):
+        ModelConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(UserError, match="Unknown model preset"):
+        preset("gpt5")
+    with pytest.raises(UserError, match="Unknown model config"):
+        ModelConfig.from_dict({"n_layers": 3})
+    with pytest.raises(UserError, match="longer than the model's context"):
+        Transformer(preset("tiny", context_length=8))(torch.zeros(1, 9, dtype=torch.long))
