@@ -1,0 +1,287 @@
+"""Model directories on disk: safetensors + JSON, written atomically, loaded without pickle.
+
+A kotonoha model directory (which is also what a run directory holds) contains
+`model.safetensors` (the weights, by the parameter names of `model.Transformer`), `model.json`
+(`{"format": "kotonoha", "version": 1, "config": {...}, ...}`) and, when there is one,
+the tokenizer (`tokenizer.json` + `tokenizer_config.json`). Every file is written to a
+temporary name in the same directory and renamed over the old one, so a crash leaves either the
+old file or the new one, never half of one.
+
+`load_model` opens any model the project knows about: a kotonoha directory, a Hugging Face
+directory, or a GGUF file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kotonoha.errors import UserError
+from kotonoha.model import ModelConfig, Transformer
+
+if TYPE_CHECKING:
+    from kotonoha.tokenizer import Tokenizer
+
+FORMAT = "kotonoha"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every OS/filesystem (e.g. Windows).
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_target(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is fsynced and renamed to `path`.
+
+    The temporary name is unique (pid + random) and hidden, and it is removed on any failure,
+    so a crash or an exception never leaves a partial file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with _atomic_target(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors, atomically.
+
+    Tensors are made contiguous and moved to the CPU. safetensors refuses tensors that share
+    storage, so a tensor that aliases an earlier one is cloned (callers that know about tying,
+    like `save_model`, drop the duplicate instead). `{"format": "pt"}` is always in the metadata
+    because transformers refuses files without it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and key in seen:
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    meta = {"format": "pt", **(metadata or {})}
+    with _atomic_target(path) as tmp:
+        save_file(out, str(tmp), metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
+               extra: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write `model.safetensors` + `model.json` (+ the tokenizer) into `directory`.
+
+    `extra` adds keys to model.json (e.g. the training step); `dtype` casts floating weights
+    (e.g. torch.bfloat16 to halve the file). Returns the directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    reserved = {"format", "version", "config"} & set(extra or {})
+    if reserved:
+        raise ValueError(f"extra must not override model.json keys: {sorted(reserved)}")
+    state = model.state_dict()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as embed.weight; re-tied on load
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # Weights first, JSON last: a directory whose model.json exists has its weights.
+    save_safetensors_atomic(state, directory / WEIGHTS_FILE)
+    atomic_write_json(directory / CONFIG_FILE,
+                      {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
+                       **(extra or {})})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; {what} needs it.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {what} needs a readable copy.") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file, on the CPU (never unpickles anything)."""
+    if not path.is_file():
+        raise UserError(f"Weights file {path} is missing.")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}).") from None
+
+
+def _common_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most of the weights (mixed files get one dtype)."""
+    counts: Counter[torch.dtype] = Counter()
+    for t in tensors.values():
+        if t.is_floating_point():
+            counts[t.dtype] += t.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, source: str | Path,
+                device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> Transformer:
+    """A `Transformer` whose weights are exactly `tensors` (kotonoha parameter names).
+
+    The model is built on the meta device so no random initialisation is done (or memory
+    spent) before the real weights are assigned. Every tensor must be present with the shape
+    the config implies; `lm_head.weight` is ignored and re-tied when the embeddings are tied.
+    `dtype=None` keeps the dtype most of the stored weights have.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or _common_dtype(tensors)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors = dict(tensors)
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise UserError(f"{source} is missing tensor '{missing[0]}'"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                        + "; the weights do not match the model config.")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise UserError(f"{source} has tensor '{unexpected[0]}', which a model with this config "
+                        "does not have; the weights do not match the model config.")
+    for k, shape in expected.items():
+        if tensors[k].shape != shape:
+            raise UserError(f"{source}: tensor '{k}' has shape {tuple(tensors[k].shape)} but the "
+                            f"model config needs {tuple(shape)}.")
+    state = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+             for k, v in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    if cfg.positions == "rope":  # non-persistent buffers are still on the meta device
+        model._init_rope(device)
+    return model.eval()
+
+
+def load_tokenizer(directory: Path) -> Tokenizer | None:
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    from kotonoha.tokenizer import Tokenizer
+
+    return Tokenizer.load(directory)
+
+
+def load_kotonoha(directory: str | Path, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    directory = Path(directory)
+    meta = read_json(directory / CONFIG_FILE, "loading this kotonoha model")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise UserError(f"{directory / CONFIG_FILE} is not a kotonoha model description "
+                        '(expected {"format": "kotonoha", "config": {...}}).')
+    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        raise UserError(f"{directory / CONFIG_FILE} has format version {meta.get('version')!r}; "
+                        f"this kotonoha reads version {VERSION} or older, so upgrade kotonoha.")
+    if not isinstance(meta["config"], dict):
+        raise UserError(f"{directory / CONFIG_FILE}: 'config' must be a mapping of fields.")
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except TypeError as e:
+        raise UserError(f"{directory / CONFIG_FILE} has an invalid model config ({e}).") from None
+    weights = directory / WEIGHTS_FILE
+    model = build_model(cfg, read_safetensors(weights), source=weights, device=device,
+                        dtype=dtype)
+    return model, load_tokenizer(directory)
+
+
+def _is_hf_dir(directory: Path) -> bool:
+    return (directory / "config.json").is_file()
+
+
+def load_model(spec: str | Path, *, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """Open a model from disk: returns (model in eval mode, tokenizer or None).
+
+    `spec` may be a kotonoha model/run directory (model.json + model.safetensors), a run
+    directory with the model in its `model/` folder, a Hugging Face directory (config.json +
+    safetensors, sharded or not) or a `.gguf` file. Only safetensors, JSON and GGUF are read;
+    nothing is unpickled.
+    """
+    path = Path(spec).expanduser()
+    expected = ("expected a kotonoha model directory (model.json + model.safetensors), a Hugging "
+                "Face model directory (config.json + *.safetensors) or a .gguf file")
+    if not path.exists():
+        raise UserError(f"Model path {path} does not exist; {expected}.")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            try:
+                from kotonoha.convert.gguf import load_gguf  # type: ignore[import-not-found]
+            except ImportError:
+                raise UserError(f"Cannot open {path}: GGUF import is not available yet.") from None
+            return load_gguf(path, device=device, dtype=dtype)
+        if path.name in (CONFIG_FILE, WEIGHTS_FILE, "config.json"):
+            return load_model(path.parent, device=device, dtype=dtype)
+        raise UserError(f"Model path {path} is a file but not a .gguf file; {expected}.")
+    for candidate in (path, path / "model"):
+        if (candidate / CONFIG_FILE).is_file():
+            return load_kotonoha(candidate, device=device, dtype=dtype)
+        if _is_hf_dir(candidate):
+            from kotonoha.convert.hf import load_hf
+
+            return load_hf(candidate, device=device, dtype=dtype)
+    raise UserError(f"Directory {path} holds no model; {expected}.")
