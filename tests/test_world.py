@@ -1,0 +1,443 @@
+"""The built-in world: determinism, scale, splits, consistency and the checker."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kotonoha.data import checker
+from kotonoha.data.checker import REFUSAL_EN, REFUSAL_JA, check, contains_answer, is_refusal
+from kotonoha.data.world import (
+    AMBIGUOUS_SENSES,
+    CLOZE,
+    EVAL_TASKS,
+    PREFERENCE_KINDS,
+    PRETRAIN_KINDS,
+    SFT_KINDS,
+    STATEMENTS,
+    World,
+    arithmetic_steps,
+    arithmetic_text,
+    generate_world,
+    write_world,
+)
+from kotonoha.errors import UserError
+
+JA_SCRIPT = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+LATIN = re.compile(r"[A-Za-z]")
+KATA = r"[\u30a1-\u30faー]"
+EQUATION = re.compile(r"(\d+(?: [-+×] \d+)+) = (\d+)(?![\d])")
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return generate_world(seed=0, scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def data(world: World) -> dict[str, list[dict[str, Any]]]:
+    return {
+        "pretrain": world.pretrain_documents(),
+        "sft": world.sft_conversations(),
+        "preferences": world.preference_pairs(),
+        "eval": world.eval_items(),
+    }
+
+
+def _name_regex(names: list[str], lang: str) -> re.Pattern[str]:
+    alts = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    if lang == "en":
+        return re.compile(rf"(?<![A-Za-z])(?:{alts})(?![A-Za-z])")
+    return re.compile(rf"(?<!{KATA})(?:{alts})(?!{KATA})")
+
+
+def _sft_text(conv: dict[str, Any]) -> str:
+    return "\n".join(m["content"] for m in conv["messages"])
+
+
+# ------------------------------------------------------------------------ determinism
+
+
+def test_same_seed_same_bytes_and_different_seed_differs(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    stats = write_world(a, seed=3, scale=0.3)
+    write_world(b, seed=3, scale=0.3)
+    write_world(c, seed=4, scale=0.3)
+    names = ["pretrain.jsonl", "sft.jsonl", "preferences.jsonl", "eval.jsonl", "world.json"]
+    assert sorted(stats) == sorted(names)
+    for name in names:
+        data = (a / name).read_bytes()
+        assert data == (b / name).read_bytes(), name
+        assert data != (c / name).read_bytes(), name
+        assert stats[name]["bytes"] == len(data)
+        assert not (a / f"{name}.tmp").exists()
+    lines = (a / "sft.jsonl").read_text(encoding="utf-8").splitlines()
+    assert stats["sft.jsonl"]["lines"] == len(lines)
+    row = json.loads(lines[0])
+    assert lines[0] == json.dumps(row, ensure_ascii=False, sort_keys=True)
+
+
+def test_scale_grows_output_linearly() -> None:
+    def size(scale: float) -> int:
+        return sum(len(d["text"].encode()) for d in generate_world(1, scale).iter_pretrain())
+
+    s1, s2, s4 = size(1.0), size(2.0), size(4.0)
+    assert 1_000_000 < s1 < 3_000_000
+    assert 1.7 < s2 / s1 < 2.3
+    assert 3.4 < s4 / s1 < 4.6
+    assert len(generate_world(1, 4.0).countries) > len(generate_world(1, 1.0).countries)
+
+
+def test_many_seeds_generate_and_check_cleanly() -> None:
+    # Small worlds stress the splits (few held-out entities to draw wrong answers from).
+    for seed in range(6):
+        world = generate_world(seed, 0.02)
+        assert sum(1 for _ in world.iter_pretrain()) > 100
+        assert world.sft_conversations() and world.preference_pairs()
+        assert all(check(item, item["reference"]) for item in world.eval_items())
+
+
+def test_bad_scale_is_a_user_error() -> None:
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(UserError):
+            generate_world(0, bad)
+
+
+# ------------------------------------------------------------------- coverage & script
+
+
+def test_every_kind_and_task_in_both_languages(data: dict[str, list[dict[str, Any]]]) -> None:
+    langs = ("en", "ja")
+    got = {(d["kind"], d["lang"]) for d in data["pretrain"]}
+    assert got == {(k, lg) for k in PRETRAIN_KINDS for lg in langs}
+    got = {(d["kind"], d["lang"]) for d in data["sft"]}
+    assert got == {(k, lg) for k in SFT_KINDS for lg in langs}
+    got3 = {(d["kind"], d["lang"], d["split"]) for d in data["preferences"]}
+    assert got3 == {
+        (k, lg, sp) for k in PREFERENCE_KINDS for lg in langs for sp in ("train", "test")
+    }
+    got3 = {(d["task"], d["lang"], d["split"]) for d in data["eval"]}
+    assert got3 == {(t, lg, sp) for t in EVAL_TASKS for lg in langs for sp in ("seen", "heldout")}
+    assert set(EVAL_TASKS) == set(checker.TASKS)
+    assert 500 <= len(data["eval"]) <= 4000
+    assert len({d["id"] for d in data["eval"]}) == len(data["eval"])
+
+
+def test_japanese_is_japanese(data: dict[str, list[dict[str, Any]]]) -> None:
+    texts = [d["text"] for d in data["pretrain"] if d["lang"] == "ja"]
+    texts += [_sft_text(c) for c in data["sft"] if c["lang"] == "ja"]
+    texts += [p["chosen"] + p["rejected"] for p in data["preferences"] if p["lang"] == "ja"]
+    texts += [json.dumps(i, ensure_ascii=False) for i in data["eval"] if i["lang"] == "ja"]
+    assert texts
+    for text in texts:
+        assert JA_SCRIPT.search(text), text
+    # No romaji: names are katakana, numbers are digits.
+    for d in data["pretrain"] + data["sft"]:
+        if d["lang"] == "ja":
+            text = d["text"] if "text" in d else _sft_text(d)
+            assert not LATIN.search(text), text
+    for d in data["pretrain"]:
+        if d["lang"] == "en":
+            assert not JA_SCRIPT.search(d["text"]), d["text"]
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def test_heldout_entities_never_reach_sft(
+    world: World, data: dict[str, list[dict[str, Any]]]
+) -> None:
+    held, seen = world.names("heldout"), world.names("seen")
+    assert len(held["en"]) >= 20
+    sft_text = {
+        lg: "\n".join(_sft_text(c) for c in data["sft"] if c["lang"] == lg) for lg in ("en", "ja")
+    }
+    pre_text = {
+        lg: "\n".join(d["text"] for d in data["pretrain"] if d["lang"] == lg) for lg in ("en", "ja")
+    }
+    for lg in ("en", "ja"):
+        leaks = _name_regex(held[lg], lg).findall(sft_text[lg])
+        assert not leaks, leaks[:10]
+        # ...but pretraining mentions every one of them, and SFT the seen ones.
+        assert all(n in pre_text[lg] for n in held[lg])
+        assert sum(n in sft_text[lg] for n in seen[lg]) > 0.8 * len(seen[lg])
+    train = "\n".join(
+        json.dumps(p, ensure_ascii=False) for p in data["preferences"] if p["split"] == "train"
+    )
+    for lg in ("en", "ja"):
+        assert not _name_regex(held[lg], lg).findall(train)
+
+
+def test_eval_splits_match_entities(world: World, data: dict[str, list[dict[str, Any]]]) -> None:
+    held = world.names("heldout")
+    for item in data["eval"]:
+        if item["task"] == "arithmetic":
+            assert (item["split"] == "heldout") == (item["digits"] > 4)
+            continue
+        text = json.dumps(item.get("messages", item.get("prompt")), ensure_ascii=False)
+        mentions = bool(
+            _name_regex(held[item["lang"]], item["lang"]).search(text + item["reference"])
+        )
+        assert mentions == (item["split"] == "heldout"), item
+
+
+# ----------------------------------------------------------------------- consistency
+
+
+def test_world_json_relations(world: World) -> None:
+    js = world.to_json()
+    countries, people = js["countries"], js["people"]
+    for c in countries:
+        if c["east"] is not None:
+            assert countries[c["east"]]["west"] == c["id"]
+    for p in people:
+        if p["spouse"] is not None:
+            assert people[p["spouse"]]["spouse"] == p["id"]
+        for k in p["children"]:
+            assert p["id"] in (people[k]["mother"], people[k]["father"])
+            assert people[k]["country"] == p["country"] and people[k]["split"] == p["split"]
+        assert countries[p["country"]]["split"] == p["split"]
+    names = [c["name"]["en"] for c in countries] + [c["capital"]["en"] for c in countries]
+    names += [p["given"]["en"] for p in people] + [c["river"]["en"] for c in countries]
+    assert len(set(names)) == len(names)
+    jobs = [j["ja"] for j in js["jobs"]]
+    assert not [(a, b) for a in jobs for b in jobs if a != b and a in b]
+
+
+def test_stated_facts_match_world_json(world: World, data: dict[str, list[dict[str, Any]]]) -> None:
+    js = world.to_json()
+    capital = {c["name"][lg]: c["capital"][lg] for c in js["countries"] for lg in ("en", "ja")}
+    river = {c["name"][lg]: c["river"][lg] for c in js["countries"] for lg in ("en", "ja")}
+    country_of = {
+        p["name"][lg]: js["countries"][p["country"]]["name"][lg]
+        for p in js["people"]
+        for lg in ("en", "ja")
+    }
+    job = {p["name"][lg]: p["job"][lg] for p in js["people"] for lg in ("en", "ja")}
+    mother = {
+        p["name"][lg]: js["people"][p["mother"]]["name"][lg]
+        for p in js["people"]
+        if p["mother"] is not None
+        for lg in ("en", "ja")
+    }
+    k, name = KATA, r"[A-Z][a-z]+ [A-Z][a-z]+"
+    pn = rf"{k}+・{k}+"
+    rules = [
+        (r"The capital of (\w+) is (\w+)\.", capital, False),
+        (r"(\w+) is the capital of (\w+)\.", capital, True),
+        (rf"({k}+)の首都は({k}+)です", capital, False),
+        (rf"({k}+)は({k}+)の首都です", capital, True),
+        (r"The main river of (\w+) is the (\w+)\.", river, False),
+        (rf"({k}+)の主な川は({k}+)川です", river, False),
+        (rf"({name}) lives in (\w+)\.", country_of, False),
+        (rf"({pn})が住んでいる国は({k}+)です", country_of, False),
+        (rf"({name}) works as a ([a-z ]+?)(?:\.| and )", job, False),
+        (rf"({pn})の仕事は([^。]+)です", job, False),
+        (rf"({name})'s mother is ({name})\.", mother, False),
+        (rf"({pn})の母は({pn})です", mother, False),
+    ]
+    texts = [d["text"] for d in data["pretrain"]]
+    for conv in data["sft"]:
+        # The deliberately wrong turn of correction_wrong is marked and excluded.
+        texts += [
+            m["content"]
+            for m in conv["messages"]
+            if m["role"] == "assistant" and m.get("train", True)
+        ]
+    texts += [p["chosen"] for p in data["preferences"]]
+    checked: Counter[str] = Counter()
+    for pattern, table, reverse in rules:
+        rx = re.compile(pattern)
+        for text in texts:
+            for a, b in rx.findall(text):
+                subj, obj = (b, a) if reverse else (a, b)
+                if subj in table:
+                    assert table[subj] == obj, (pattern, text)
+                    checked[pattern] += 1
+    assert all(checked[p] > 20 for p, _, _ in rules), checked
+
+
+def test_cloze_prompts_are_read_in_pretraining(
+    world: World, data: dict[str, list[dict[str, Any]]]
+) -> None:
+    corpus = {
+        lg: "\n".join(d["text"] for d in data["pretrain"] if d["lang"] == lg) for lg in ("en", "ja")
+    }
+    for f in world.facts:
+        for lg in ("en", "ja"):
+            prompt = CLOZE[f.tmpl][lg].format_map(f.slots[lg])
+            assert f.statement(lg).startswith(prompt)
+    for item in data["eval"]:
+        if item["task"] == "cloze":
+            sep = " " if item["lang"] == "en" else ""
+            assert item["prompt"] + sep + item["answer"] in corpus[item["lang"]], item
+            assert item["reference"].startswith(sep + item["answer"])
+    canonical = {f.statement(lg) for f in world.facts for lg in ("en", "ja")}
+    assert all(
+        i["prompt"] + i["reference"] in canonical for i in data["eval"] if i["task"] == "cloze"
+    )
+    assert all(STATEMENTS[t]["en"][0].endswith(".") for t in STATEMENTS)
+
+
+def test_arithmetic_is_correct(data: dict[str, list[dict[str, Any]]]) -> None:
+    problem = re.compile(
+        r"(?:Q|問): (\d+) ([-+×]) (\d+) = \? (?:Step|手順): (.*?) (?:A|答え): (\d+)"
+    )
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+    n = 0
+    for doc in data["pretrain"]:
+        if doc["kind"] != "arithmetic":
+            continue
+        for line in doc["text"].split("\n"):
+            a, op, b, steps, result = problem.fullmatch(line).groups()  # type: ignore[union-attr]
+            assert ops[op](int(a), int(b)) == int(result)
+            for lhs, rhs in EQUATION.findall(steps):
+                assert eval(lhs.replace("×", "*")) == int(rhs), line  # noqa: S307 - digits only
+            n += 1
+    assert n > 500
+    for conv in data["sft"]:
+        if conv["kind"] == "arithmetic":
+            q = re.search(r"(\d+) ([-+×]) (\d+)", conv["messages"][-2]["content"])
+            assert q is not None
+            a, op, b = q.groups()
+            assert checker.final_number(conv["messages"][-1]["content"]) == ops[op](int(a), int(b))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+    st.sampled_from(["+", "-", "×"]),
+    st.sampled_from(["en", "ja"]),
+)
+def test_arithmetic_steps_property(a: int, b: int, op: str, lang: str) -> None:
+    if op == "-" and a < b:
+        a, b = b, a
+    steps, result = arithmetic_steps(a, op, b, lang)
+    assert result == {"+": a + b, "-": a - b, "×": a * b}[op]
+    for lhs, rhs in EQUATION.findall(steps):
+        assert eval(lhs.replace("×", "*")) == int(rhs)  # noqa: S307 - digits only
+    text, _ = arithmetic_text(a, op, b, lang)
+    assert checker.final_number(text) == result
+
+
+def test_ambiguous_and_pronoun_docs(data: dict[str, list[dict[str, Any]]]) -> None:
+    senses: set[tuple[str, str, str]] = set()
+    for doc in data["pretrain"]:
+        if doc["kind"] == "ambiguous":
+            assert doc["sense"] in AMBIGUOUS_SENSES[doc["lang"]][doc["word"]]
+            if doc["lang"] == "en":
+                count = len(re.findall(rf"\b{doc['word']}\b", doc["text"], re.IGNORECASE))
+            else:
+                count = doc["text"].count(doc["word"])
+            assert count == 1, doc
+            senses.add((doc["lang"], doc["word"], doc["sense"]))
+        elif doc["kind"] == "pronoun":
+            assert doc["referent"] in doc["text"]
+            if doc["lang"] == "en":
+                count = len(re.findall(rf"\b{doc['pronoun']}\b", doc["text"], re.IGNORECASE))
+            else:
+                count = len(
+                    re.findall("彼女" if doc["pronoun"] == "彼女" else "彼(?!女)", doc["text"])
+                )
+            assert count == 1, doc
+    assert senses == {
+        (lg, w, s) for lg, ws in AMBIGUOUS_SENSES.items() for w, ss in ws.items() for s in ss
+    }
+
+
+def test_preferences(data: dict[str, list[dict[str, Any]]]) -> None:
+    for pair in data["preferences"]:
+        assert pair["chosen"] != pair["rejected"]
+        assert pair["prompt"][-1]["role"] == "user"
+        if pair["kind"] == "inappropriate":
+            assert is_refusal(pair["chosen"]) and not is_refusal(pair["rejected"])
+        else:
+            assert not is_refusal(pair["chosen"]) and not is_refusal(pair["rejected"])
+        if pair["kind"] == "rambling":
+            assert len(pair["rejected"]) > 2 * len(pair["chosen"])
+    tests = sum(p["split"] == "test" for p in data["preferences"])
+    assert 0.05 < tests / len(data["preferences"]) < 0.3
+
+
+# --------------------------------------------------------------------------- checker
+
+
+def test_checker_accepts_references_and_rejects_other_entities(
+    data: dict[str, list[dict[str, Any]]],
+) -> None:
+    items = data["eval"]
+    by_task: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for item in items:
+        assert check(item, item["reference"]), item
+        by_task.setdefault((item["task"], item["lang"]), []).append(item)
+    rejected = 0
+    for item in items:
+        if item["task"] == "refusal":
+            benign = by_task[("benign", item["lang"])][0]
+            assert not check(item, benign["reference"])
+            continue
+        if item["task"] == "benign":
+            assert not check(item, REFUSAL_EN if item["lang"] == "en" else REFUSAL_JA)
+        if item["task"] == "false_premise":
+            accept = item["false_statements"][0] + ". " + item["answer"]
+            assert not check(item, accept)
+        others = [
+            o
+            for o in by_task[(item["task"], item["lang"])]
+            if o["answer"] != item["answer"] and item["answer"] not in o["reference"]
+        ][:3]
+        for other in others:
+            assert not check(item, other["reference"]), (item, other["reference"])
+            rejected += 1
+    assert rejected > len(items)
+
+
+def test_checker_normalisation_and_boundaries() -> None:
+    cloze = {"task": "cloze", "answer": "Marnis"}
+    assert check(cloze, " ＭＡＲＮＩＳ。")
+    assert not check(cloze, " Marnisa.")
+    assert not check(cloze, " Tolva. The capital of Tolvania is Marnis.")
+    assert contains_answer("タモ ヴェリン です", "タモ・ヴェリン")
+    assert contains_answer("値段は４ダレンです。", "4 ダレン") or contains_answer(
+        "値段は4ダレンです。", "4ダレン"
+    )
+    assert not contains_answer("マルニスタです", "マルニス")
+    assert not contains_answer("March 14", "March 1")
+    assert contains_answer("約1200万人です", "1200万")
+    qa = {"task": "qa", "answer": "baker"}
+    assert check(qa, "Ana works as a Baker.")
+    assert not check(qa, "I'm sorry, but I can't help with that. Ana is a baker.")
+    arith = {"task": "arithmetic", "answer": "85"}
+    assert check(arith, " Step: 7 + 8 = 15, write 5 carry 1. A: 85\nQ: 1 + 1 = ? Step: A: 2")
+    assert check(arith, "...よって答えは８５です。")
+    assert not check(arith, "So the answer is 84.")
+    with pytest.raises(ValueError):
+        check({"task": "poetry"}, "")
+
+
+def test_refusal_detection(data: dict[str, list[dict[str, Any]]]) -> None:
+    for text in (
+        REFUSAL_EN,
+        REFUSAL_JA,
+        "I can’t help with that, sorry.",
+        "申し訳ございませんが、お答えできません。",
+    ):
+        assert is_refusal(text)
+    for text in (
+        "The capital of Veloria is Marnis.",
+        "ヴェロリアの首都はマルニスです。",
+        "You're right, I made a mistake.",
+    ):
+        assert not is_refusal(text)
+    for conv in data["sft"]:
+        for m in conv["messages"]:
+            if m["role"] == "assistant":
+                assert is_refusal(m["content"]) == (conv["kind"] == "refusal"), conv
