@@ -20,7 +20,7 @@ def model_config_from_spec(spec: str) -> ModelConfig:
         try:
             meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise UserError(f"{path / 'model.json'} is not valid JSON ({e.msg}).")
+            raise UserError(f"{path / 'model.json'} is not valid JSON ({e.msg}).") from None
         return ModelConfig.from_dict(meta["config"])
     if path.is_dir() and (path / "config.json").is_file():
         from kotonoha.convert.hf import config_from_hf
@@ -60,7 +60,7 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per_value: float) -> fl
 
 
 def describe(cfg: ModelConfig, context: int | None = None) -> str:
-    context = context or cfg.context_length
+    context = cfg.context_length if context is None else context
     if context <= 0:
         raise UserError("--context must be a positive number of tokens.")
     total, non_embed = count_params(cfg)

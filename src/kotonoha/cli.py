@@ -1,0 +1,246 @@
+"""The `kotonoha` command: one verb per stage.
+
+Every verb turns bad input into one sentence on stderr and exit code 2 (`UserError`); only a
+bug in kotonoha itself shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from kotonoha.errors import UserError
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="run directory, Hugging Face directory, .gguf file or preset name")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (needed when --model is a preset name)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
+def _sampling_params(args: argparse.Namespace) -> Any:
+    from kotonoha.sampling import SamplingParams
+
+    bias: dict[int, float] = {}
+    for item in args.logit_bias:
+        tok, sep, val = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError(item)
+            bias[int(tok)] = float(val)
+        except ValueError:
+            raise UserError(
+                f"--logit-bias '{item}' must look like TOKEN_ID=BIAS, e.g. 42=-100."
+            ) from None
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logit_bias=bias, seed=args.seed,
+        max_tokens=args.max_tokens, stop=list(args.stop),
+    )
+    params.validate()
+    return params
+
+
+def _resolve_device(name: str | None) -> str:
+    import torch
+
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"Device '{name}' was requested but no CUDA GPU is available.")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """A model and its tokenizer from --model (path or preset) and optional --tokenizer."""
+    import torch
+
+    from kotonoha.model import PRESETS, Transformer, preset
+
+    device = _resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    tokenizer = None
+    if args.tokenizer:
+        from kotonoha.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(args.tokenizer)
+    if args.model in PRESETS and not Path(args.model).exists():
+        if tokenizer is None:
+            raise UserError(
+                f"--model {args.model} is a preset with random weights; give it a tokenizer "
+                "with --tokenizer DIR (see `kotonoha tokenizer train`)."
+            )
+        torch.manual_seed(0)
+        model = Transformer(preset(args.model, vocab_size=tokenizer.vocab_size)).to(device)
+    else:
+        from kotonoha.checkpoint import load_model
+
+        model, model_tok = load_model(args.model, device=device, dtype=dtype)
+        tokenizer = tokenizer or model_tok
+        if tokenizer is None:
+            raise UserError(f"{args.model} has no tokenizer; pass one with --tokenizer DIR.")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), tokenizer
+
+
+def _engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
+    from kotonoha.engine import Engine
+
+    return Engine(model, tokenizer, max_batch_size=1, compile=args.compile)
+
+
+# ---------------------------------------------------------------------------------- verbs
+
+
+def cmd_model_info(args: argparse.Namespace) -> None:
+    from kotonoha.info import describe, model_config_from_spec
+
+    cfg = model_config_from_spec(args.model)
+    print(describe(cfg, context=args.context))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from kotonoha.tokenizer import train_bpe_from_files
+
+    if args.vocab_size < 300:
+        raise UserError("--vocab-size must be at least 300 (256 byte tokens plus merges).")
+    tok = train_bpe_from_files(args.data, args.vocab_size, show_progress=True)
+    tok.save(args.out)
+    print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)
+    model, tokenizer = _load(args)
+    engine = _engine(model, tokenizer, args)
+    ids = tokenizer.encode(args.prompt)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    reason = None
+    for event in engine.stream(ids, params):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        reason = event.finish_reason or reason
+    sys.stdout.write("\n")
+    if args.verbose:
+        print(f"[finish_reason={reason}]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from kotonoha.chat import ChatSession
+
+    params = _sampling_params(args)
+    model, tokenizer = _load(args)
+    if tokenizer.chat_template is None:
+        raise UserError(
+            f"{args.model} has no chat template (it is a base model); fine-tune it into a chat "
+            "model with `kotonoha sft`, or use `kotonoha generate` for plain completion."
+        )
+    session = ChatSession(_engine(model, tokenizer, args), tokenizer, params, system=args.system)
+    session.repl(sys.stdin, sys.stdout)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from kotonoha.checkpoint import load_model, save_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tokenizer = load_model(args.src, device="cpu", dtype=dtype)
+    if args.to == "kotonoha":
+        save_model(args.out, model, tokenizer)
+    elif args.to == "hf":
+        from kotonoha.convert.hf import save_hf
+
+        save_hf(args.out, model, tokenizer)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise UserError(f"Unknown target format '{args.to}'.")
+    print(f"wrote {args.to} model to {args.out}")
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kotonoha", description="Raw text in, an aligned chat assistant out."
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("model-info", help="parameters, FLOPs and memory of a preset or model")
+    p.add_argument("model", help="preset name, run directory or Hugging Face directory")
+    p.add_argument("--context", type=int, default=None, help="context length for KV-cache size")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train on text files, folders or JSONL")
+    t.add_argument("--data", nargs="+", required=True, help="files or folders of text")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming to the terminal")
+    _model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--verbose", action="store_true", help="print the finish reason")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    _model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert between kotonoha and Hugging Face formats")
+    p.add_argument("--from", dest="src", required=True, help="model to read")
+    p.add_argument("--to", required=True, choices=["kotonoha", "hf"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"kotonoha: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The `kotonoha` command end to end: outputs, and one-sentence errors with exit code 2."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kotonoha.chat import ChatSession
+from kotonoha.checkpoint import save_model
+from kotonoha.cli import main
+from kotonoha.engine import Engine
+from kotonoha.model import Transformer, preset
+from kotonoha.sampling import SamplingParams
+from kotonoha.tokenizer import sample_text_paths, train_bpe_from_files
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = train_bpe_from_files(sample_text_paths(), 600)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size, context_length=96))
+    d = tmp_path_factory.mktemp("model")
+    save_model(d, model, tok)
+    return d
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_model_info(capsys):
+    code, out, _ = run(["model-info", "gpt3"], capsys)
+    assert code == 0 and "174,604,259,328" in out and "KV cache" in out
+
+
+def test_model_info_of_saved_model(model_dir, capsys):
+    code, out, _ = run(["model-info", str(model_dir), "--context", "64"], capsys)
+    assert code == 0 and "2 layers" in out
+
+
+def test_generate_is_seeded(model_dir, capsys):
+    argv = ["generate", "--model", str(model_dir), "--prompt", "The river", "--seed", "3",
+            "--max-tokens", "12"]
+    code, first, _ = run(argv, capsys)
+    assert code == 0 and first.startswith("The river") and len(first) > len("The river\n")
+    assert run(argv, capsys)[1] == first
+
+
+def test_generate_greedy_matches_engine(model_dir, capsys):
+    from kotonoha.checkpoint import load_model
+
+    model, tok = load_model(model_dir)
+    ref = Engine(model, tok).generate([tok.encode("Hello")],
+                                      SamplingParams(temperature=0, max_tokens=10))[0].text
+    code, out, _ = run(["generate", "--model", str(model_dir), "--prompt", "Hello",
+                        "--temperature", "0", "--max-tokens", "10"], capsys)
+    assert code == 0 and out == "Hello" + ref + "\n"
+
+
+def test_tokenizer_train(tmp_path, capsys):
+    code, out, _ = run(["tokenizer", "train", "--data", *map(str, sample_text_paths()),
+                        "--vocab-size", "500", "--out", str(tmp_path / "tok")], capsys)
+    assert code == 0 and (tmp_path / "tok" / "tokenizer.json").is_file()
+
+
+def test_convert_round_trip(model_dir, tmp_path, capsys):
+    assert run(["convert", "--from", str(model_dir), "--to", "hf",
+                "--out", str(tmp_path / "hf")], capsys)[0] == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert run(["convert", "--from", str(tmp_path / "hf"), "--to", "kotonoha",
+                "--out", str(tmp_path / "back")], capsys)[0] == 0
+    assert (tmp_path / "back" / "model.json").is_file()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "/no/such/dir"),
+    (["generate", "--model", "gpt9", "--prompt", "x"], "gpt9"),
+    (["generate", "--model", "tiny", "--prompt", "x"], "--tokenizer"),
+    (["model-info", "gpt9"], "neither a model directory nor a preset"),
+    (["model-info", "tiny", "--context", "0"], "--context"),
+    (["tokenizer", "train", "--data", "/no/file.txt", "--out", "x"], "/no/file.txt"),
+])
+def test_bad_input_is_one_sentence(argv, match, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--temperature", "-1", "temperature"),
+    ("--top-p", "0", "top_p"),
+    ("--min-p", "2", "min_p"),
+    ("--top-k", "-3", "top_k"),
+    ("--logit-bias", "abc", "TOKEN_ID=BIAS"),
+])
+def test_sampling_out_of_range(model_dir, flag, value, match, capsys):
+    code, _, err = run(["generate", "--model", str(model_dir), "--prompt", "x", flag, value],
+                       capsys)
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_prompt_longer_than_context(model_dir, capsys):
+    code, _, err = run(["generate", "--model", str(model_dir), "--prompt", "word " * 200],
+                       capsys)
+    assert code == 2 and "context" in err and "Traceback" not in err
+
+
+def test_corrupt_model_json(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "model.json").write_text("{not json")
+    code, _, err = run(["generate", "--model", str(bad), "--prompt", "x"], capsys)
+    assert code == 2 and "model.json" in err and "Traceback" not in err
+
+
+def test_chat_session_commands_and_history(model_dir):
+    from kotonoha.checkpoint import load_model
+
+    model, tok = load_model(model_dir)
+    engine = Engine(model, tok, max_batch_size=1)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    session = ChatSession(engine, tok, params, system="Be brief.")
+    inp = io.StringIO("hello\n/params max_tokens=4\nand then?\n/system Be kind.\n/reset\n"
+                      "/params top_p=7\nbye\n/quit\nnever read\n")
+    out = io.StringIO()
+    session.repl(inp, out)
+    text = out.getvalue()
+    assert "max_tokens = 4" in text and "system prompt set" in text
+    assert "error:" in text and "top_p" in text  # a bad command is reported, not fatal
+    assert session.system == "Be kind." and session.params.max_tokens == 4
+    assert [m["role"] for m in session.history] == ["user", "assistant"]  # after /reset + bye
+
+
+def test_chat_history_trimmed_to_context(model_dir):
+    from kotonoha.checkpoint import load_model
+
+    model, tok = load_model(model_dir)
+    engine = Engine(model, tok, max_batch_size=1)
+    session = ChatSession(engine, tok, SamplingParams(temperature=0, max_tokens=8))
+    for i in range(12):
+        session.reply(f"message number {i} about rivers", io.StringIO())
+    ids = session.prompt_ids()
+    assert len(ids) <= engine.max_seq_len - 8
+    assert session.history[-2]["content"] == "message number 11 about rivers"
+    assert "message number 0 " not in tok.decode(ids)
+
+
+def test_chat_refuses_base_model(tmp_path, capsys):
+    tok = train_bpe_from_files(sample_text_paths(), 400)
+    tok.chat_template = None
+    save_model(tmp_path, Transformer(preset("tiny", vocab_size=tok.vocab_size)), tok)
+    code, _, err = run(["chat", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "no chat template" in err and "sft" in err
+
+
+def test_console_script_runs():
+    r = subprocess.run([sys.executable, "-m", "kotonoha.cli", "model-info", "tiny"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "parameters" in r.stdout
