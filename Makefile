@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench screenshots clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+screenshots: setup
+	KOTONOHA_SCREENSHOT_DIR=docs/screenshots KOTONOHA_REQUIRE_BROWSER=1 \
+		$(BIN)/python -m pytest -q tests/test_browser.py
 
 lint: setup
 	$(BIN)/ruff check .

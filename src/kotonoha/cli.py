@@ -181,6 +181,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} model to {args.out}")
 
 
+def cmd_feedback_export(args: argparse.Namespace) -> None:
+    from kotonoha.feedback import feedback_export_main
+
+    feedback_export_main(args.db, args.out)
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -223,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_convert)
 
+    from kotonoha.serve.cli import DEFAULT_DB, add_serve_arguments, run_serve
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API and web UI on 127.0.0.1")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("feedback", help="preference pairs from chat feedback and arena votes")
+    fsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    f = fsub.add_parser("export", help="write preference pairs as JSONL for `kotonoha reward`")
+    f.add_argument("--db", default=DEFAULT_DB)
+    f.add_argument("--out", required=True)
+    f.set_defaults(func=cmd_feedback_export)
     return parser
 
 
