@@ -123,11 +123,13 @@ def cmd_model_info(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from kotonoha.tokenizer import train_bpe_from_files
+    from kotonoha.data.sources import iter_documents, resolve
+    from kotonoha.tokenizer import train_bpe
 
     if args.vocab_size < 300:
         raise UserError("--vocab-size must be at least 300 (256 byte tokens plus merges).")
-    tok = train_bpe_from_files(args.data, args.vocab_size, show_progress=True)
+    resolve(args.data)  # a missing or unreadable source fails here, before training starts
+    tok = train_bpe(iter_documents(args.data), args.vocab_size, show_progress=True)
     tok.save(args.out)
     print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}")
 
@@ -181,6 +183,47 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} model to {args.out}")
 
 
+def cmd_data_world(args: argparse.Namespace) -> None:
+    from kotonoha.data.world import write_world
+
+    if args.scale <= 0:
+        raise UserError("--scale must be a positive number (1.0 is about 4 MB of text).")
+    stats = write_world(args.out, seed=args.seed, scale=args.scale, show_progress=True)
+    for name, st in stats.items():
+        print(f"{name:<20} {st['lines']:>9,} lines {st['bytes'] / 1e6:>9.2f} MB")
+    print(f"world (seed {args.seed}, scale {args.scale}) written to {args.out}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from kotonoha.data.shards import prepare
+
+    meta = prepare(args.source, args.tokenizer, args.out, text_field=args.text_field,
+                   val_fraction=args.val_fraction, workers=args.workers)
+    splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in meta["splits"].items())
+    print(f"shards in {args.out} ({splits})")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from kotonoha.train.pretrain import pretrain_main
+
+    run_dir = pretrain_main(args.config, args.overrides, args.resume)
+    print(f"pretraining run written to {run_dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from kotonoha.eval.world import eval_main
+
+    eval_main(args.model, suite=args.suite, world_dir=args.world, data_dir=args.data,
+              out=args.out, split=args.split, max_items=args.max_items, device=args.device)
+
+
+def cmd_baselines(args: argparse.Namespace) -> None:
+    from kotonoha.baselines.compare import baselines_main
+
+    baselines_main(args.data, transformer=args.transformer, out=args.out,
+                   lstm_steps=args.lstm_steps, max_train_tokens=args.max_train_tokens)
+
+
 def cmd_feedback_export(args: argparse.Namespace) -> None:
     from kotonoha.feedback import feedback_export_main
 
@@ -204,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train on text files, folders or JSONL")
-    t.add_argument("--data", nargs="+", required=True, help="files or folders of text")
+    t.add_argument("--data", nargs="+", required=True,
+                   help=".txt files/folders, .jsonl, .parquet, a saved HF dataset, or shakespeare")
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
@@ -228,6 +272,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("data", help="the built-in world, and token shards from any text")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    d = dsub.add_parser("world", help="generate the built-in bilingual world")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--scale", type=float, default=1.0, help="1.0 ~ 4 MB, 60 ~ 200 MB")
+    d.set_defaults(func=cmd_data_world)
+    d = dsub.add_parser("prepare", help="tokenize text into memory-mapped shards")
+    d.add_argument("--source", nargs="+", required=True,
+                   help=".txt files/folders, .jsonl, .parquet, a saved HF dataset, or shakespeare")
+    d.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    d.add_argument("--out", required=True)
+    d.add_argument("--text-field", default="text", help="JSONL/Parquet column with the text")
+    d.add_argument("--val-fraction", type=float, default=0.05)
+    d.add_argument("--workers", type=int, default=None)
+    d.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("pretrain", help="next-token pretraining (also under torchrun)")
+    p.add_argument("--config", default=None, help="YAML file, e.g. configs/demo.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="bits per byte and held-out facts on the world")
+    p.add_argument("--model", required=True)
+    p.add_argument("--suite", default="world")
+    p.add_argument("--world", default=None, help="world directory (default: beside the data)")
+    p.add_argument("--data", default=None, help="shard directory for bits per byte")
+    p.add_argument("--split", default="heldout", choices=["heldout", "seen"])
+    p.add_argument("--max-items", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write eval.json and eval.md here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("baselines", help="n-gram and LSTM baselines beside a transformer")
+    p.add_argument("--data", required=True, help="shard directory")
+    p.add_argument("--transformer", default=None, help="a trained model to compare")
+    p.add_argument("--out", default=None)
+    p.add_argument("--lstm-steps", type=int, default=None)
+    p.add_argument("--max-train-tokens", type=int, default=None)
+    p.set_defaults(func=cmd_baselines)
 
     from kotonoha.serve.cli import DEFAULT_DB, add_serve_arguments, run_serve
 

@@ -30,7 +30,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"Config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}.")
+        problem = getattr(e, 'problem', e)
+        raise UserError(f"Config file {p} is not valid YAML{where}: {problem}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

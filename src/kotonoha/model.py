@@ -364,7 +364,7 @@ class Transformer(nn.Module):
         B, T = idx.shape
         cfg = self.cfg
         if positions is None:
-            if T > cfg.context_length:
+            if idx.shape[1] > cfg.context_length:
                 raise UserError(
                     f"Sequence of {T} tokens is longer than the model's context of "
                     f"{cfg.context_length}."

@@ -1,0 +1,223 @@
+"""The trainer core through `pretrain`: learning, run directory, accumulation, kill -9 + resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kotonoha.checkpoint import load_model
+from kotonoha.config import load_config
+from kotonoha.data.shards import prepare
+from kotonoha.errors import UserError
+from kotonoha.model import Transformer, preset
+from kotonoha.tokenizer import train_bpe
+from kotonoha.train.loop import TrainConfig, lr_at, param_groups
+from kotonoha.train.pretrain import PretrainConfig, pretrain_main
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    """Tiny "world" facts: learnable structure, so the loss has somewhere to go."""
+    rng = random.Random(seed)
+    places = {"Aru": "Beno", "Cala": "Doma", "Eshu": "Fira", "Gol": "Hanu"}
+    out = []
+    for _ in range(n):
+        lines = []
+        for _ in range(rng.randint(2, 6)):
+            c = rng.choice(list(places))
+            lines.append(f"The capital of {c} is {places[c]}. {rng.randint(1, 9)} + "
+                         f"{rng.randint(1, 9)} is a sum.")
+        out.append(" ".join(lines))
+    return out
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Tiny models run fastest on one thread, and 2 threads on a busy 2-core machine thrash.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pretrain_data")
+    docs = make_docs(400)
+    train_bpe(docs, vocab_size=320).save(d / "tok")
+    (d / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prepare([str(d / "c.jsonl")], d / "tok", d / "data", val_fraction=0.1, show_progress=False)
+    return d / "data"
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+def tiny(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides of configs/tiny.yaml (40 steps, batch 8 x 32, the `tiny` preset)."""
+    return [f"data={data_dir}", f"out={out}", "train.progress=false", "train.plot=false", *extra]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+# --- pieces -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "shakespeare"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
+    assert cfg.preset in ("tiny", "demo") and cfg.train.steps > 0
+    preset(cfg.preset, **cfg.model)  # the model section is a valid override of its preset
+
+
+def test_lr_schedules() -> None:
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 55) == pytest.approx(0.55)  # cosine midpoint between 1.0 and 0.1
+    assert lr_at(cfg, 100) == pytest.approx(0.1)
+    wsd = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd",
+                      decay_fraction=0.2)
+    assert lr_at(wsd, 50) == lr_at(wsd, 79) == 1.0  # stable phase
+    assert lr_at(wsd, 89) == pytest.approx(0.5) and lr_at(wsd, 99) == pytest.approx(0.0)
+    with pytest.raises(UserError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
+def test_weight_decay_only_on_matrices() -> None:
+    model = Transformer(preset("tiny", bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert any(p is model.embed.weight for p in decay["params"])  # tied head/embedding
+    n = len(decay["params"]) + len(no_decay["params"])
+    assert n == len(list(model.parameters()))
+
+
+# --- whole runs -------------------------------------------------------------------------------
+
+
+def test_pretrain_learns_and_writes_a_complete_run_dir(data_dir: Path, tmp_path: Path) -> None:
+    run = pretrain_main(TINY, tiny(data_dir, tmp_path / "run", "train.steps=60",
+                                   "train.plot=true", "sample_prompts=[The capital of]",
+                                   "sample_tokens=8"), resume=False)
+    losses = train_losses(run)
+    assert losses[1] > math.log(320) - 0.5  # starts near uniform over the vocabulary
+    assert losses[60] < 2.0  # and learns the facts' structure
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [20, 40, 60] and val[-1]["val_loss"] < val[0]["val_loss"]
+    assert 0 < val[-1]["val_bpb"] < val[-1]["val_loss"]  # several bytes per token
+    for r in recs:
+        if "loss" in r:
+            assert {"lr", "tok_per_s", "mfu", "grad_norm", "tokens"} <= set(r)
+    for f in ("config.yaml", "model.safetensors", "model.json", "tokenizer.json",
+              "train_state/latest.json"):
+        assert (run / f).is_file(), f
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "samples.txt").read_text().startswith("The capital of ")
+    state = json.loads((run / "train_state" / "latest.json").read_text())
+    assert state["step"] == 60 and len(list((run / "train_state").glob("step_*"))) == 1
+
+    model, tok = load_model(run)
+    assert tok is not None and model.cfg.vocab_size == tok.vocab_size
+    assert json.loads((run / "model.json").read_text())["step"] == 60
+    # config.yaml reproduces the run: the resolved model shape is in it.
+    again = load_config(PretrainConfig, run / "config.yaml")
+    assert preset(again.preset, **again.model) == model.cfg
+    assert again.train.steps == 60
+
+
+def test_gradient_accumulation_matches_the_full_batch(data_dir: Path, tmp_path: Path) -> None:
+    full = pretrain_main(TINY, tiny(data_dir, tmp_path / "full", "train.steps=6"), False)
+    accum = pretrain_main(TINY, tiny(data_dir, tmp_path / "acc", "train.steps=6",
+                                     "train.micro_batch_size=2"), False)
+    a, b = train_losses(full), train_losses(accum)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5)
+
+
+def test_bf16_autocast_on_cpu(data_dir: Path, tmp_path: Path) -> None:
+    fp32 = train_losses(pretrain_main(TINY, tiny(data_dir, tmp_path / "a", "train.steps=3"),
+                                      False))
+    bf16 = train_losses(pretrain_main(TINY, tiny(data_dir, tmp_path / "b", "train.steps=3",
+                                                 "train.dtype=bf16"), False))
+    for step in fp32:
+        assert math.isfinite(bf16[step]) and bf16[step] == pytest.approx(fp32[step], abs=0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    steps = ["train.steps=150", "train.checkpoint_interval=10", "train.eval_interval=0"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kotonoha.train.pretrain", "--config", TINY,
+                             *tiny(data_dir, killed, *steps)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = killed / "train_state" / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    at = json.loads(latest.read_text())["step"]
+    assert 10 <= at < 150  # it really died mid-run, after a checkpoint
+
+    pretrain_main(TINY, tiny(data_dir, killed, *steps), resume=True)
+    whole = pretrain_main(TINY, tiny(data_dir, tmp_path / "whole", *steps), resume=False)
+    resumed, reference = train_losses(killed), train_losses(whole)
+    assert resumed[150] == pytest.approx(reference[150], abs=1e-4)
+    # Log lines the killed run wrote after its checkpoint were dropped, not duplicated.
+    lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 151))
+    a, _ = load_model(killed)
+    b, _ = load_model(tmp_path / "whole")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_resume_is_required_to_reuse_a_run_dir(data_dir: Path, tmp_path: Path) -> None:
+    pretrain_main(TINY, tiny(data_dir, tmp_path / "r", "train.steps=2"), False)
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(UserError, match="--resume"):
+        pretrain_main(TINY, tiny(data_dir, tmp_path / "r", "train.steps=2", "train.lr=1e-2"),
+                      False)
+    assert (tmp_path / "r" / "config.yaml").read_text() == saved  # nothing was overwritten
+    # --resume can extend a finished run.
+    run = pretrain_main(TINY, tiny(data_dir, tmp_path / "r", "train.steps=4"), True)
+    assert max(train_losses(run)) == 4
+
+
+def test_continued_pretraining_from_an_existing_model(data_dir: Path, tmp_path: Path) -> None:
+    base = pretrain_main(TINY, tiny(data_dir, tmp_path / "base"), False)
+    settings = [f"data={data_dir}", f"out={tmp_path / 'cont'}", f"init_from={base}",
+                "context_length=32", "train.batch_size=8", "train.steps=2", "train.lr=1e-4",
+                "train.warmup_steps=1", "train.log_interval=1", "train.eval_tokens=1024",
+                "train.progress=false", "train.device=cpu", "train.plot=false"]
+    cont = pretrain_main(None, settings, False)
+    assert train_losses(cont)[1] < train_losses(base)[1] - 1.0  # starts from what base learnt
+    assert load_model(cont)[0].cfg == load_model(base)[0].cfg
+    with pytest.raises(UserError, match="init_from"):
+        pretrain_main(None, [*settings, f"out={tmp_path / 'x'}", "model.n_layer=3"], False)
+
+
+def test_unprepared_data_dir_says_to_prepare(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="kotonoha data prepare"):
+        pretrain_main(None, [f"data={tmp_path}", f"out={tmp_path / 'run'}"], False)
