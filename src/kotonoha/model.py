@@ -327,10 +327,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
-        local = cfg.rope_local_theta or cfg.rope_theta
-        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, local)
-        self.register_buffer("rope_local_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_local_sin", sin.to(device), persistent=False)
+        if cfg.rope_local_theta is not None:  # Gemma 3: windowed layers use another base
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_local_theta)
+            self.register_buffer("rope_local_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_local_sin", sin.to(device), persistent=False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -381,8 +381,9 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rope_global = rope_local = None
         if cfg.positions == "rope":
-            rope_global = (self.rope_cos[positions], self.rope_sin[positions])
-            rope_local = (self.rope_local_cos[positions], self.rope_local_sin[positions])
+            rope_global = rope_local = (self.rope_cos[positions], self.rope_sin[positions])
+            if cfg.rope_local_theta is not None:
+                rope_local = (self.rope_local_cos[positions], self.rope_local_sin[positions])
 
         hidden, attentions = [], []
         for block in self.blocks:
