@@ -210,6 +210,23 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"pretraining run written to {run_dir}")
 
 
+def cmd_stage(args: argparse.Namespace) -> None:
+    """sft / reward / dpo / rl / pipeline: a YAML config, overrides, optional --resume."""
+    import importlib
+
+    module, func = STAGES[args.verb]
+    run_dir = getattr(importlib.import_module(module), func)(args.config, args.overrides,
+                                                             args.resume)
+    print(f"{args.verb} run written to {run_dir}")
+
+
+STAGES = {
+    "sft": ("kotonoha.train.sft", "sft_main"),
+    "reward": ("kotonoha.train.reward", "reward_main"),
+    "dpo": ("kotonoha.train.dpo", "dpo_main"),
+}
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from kotonoha.eval.world import eval_main
 
@@ -295,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_pretrain)
+
+    for verb, text in (("sft", "supervised fine-tuning on conversations (optionally LoRA)"),
+                       ("reward", "a reward model on preference pairs (Bradley-Terry)"),
+                       ("dpo", "direct preference optimisation against a frozen reference")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("--config", default=None, help="YAML file")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("eval", help="bits per byte and held-out facts on the world")
     p.add_argument("--model", required=True)

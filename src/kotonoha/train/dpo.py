@@ -1,0 +1,204 @@
+"""Direct preference optimisation (Rafailov et al. 2023): preferences without a reward model.
+
+    kotonoha dpo --config configs/dpo-tiny.yaml [init_from=runs/sft beta=0.1 lora=r=16 ...]
+
+The policy starts as a copy of the reference (the starting model, frozen). With
+log-probabilities summed over each reply's tokens, the implicit reward of a reply is
+β·(log π(y|x) − log π_ref(y|x)) and the loss is −log σ(reward_chosen − reward_rejected): raise
+the chosen reply's likelihood relative to the rejected one's, measured against the reference so
+the policy cannot drift far for free. Same data as `kotonoha reward`; "test" pairs are held
+out and `dpo_eval.json` compares them before and after. With `lora`, the reference is the same
+network with its adapters switched off, so no second copy of the model is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kotonoha.checkpoint import atomic_write_json
+from kotonoha.config import load_config
+from kotonoha.data.chat import PairData, load_preferences, split_pairs
+from kotonoha.errors import UserError
+from kotonoha.model import flops_per_token
+from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed
+from kotonoha.train.lora import LoRAConfig, adapters_disabled, apply_lora, parse_lora
+from kotonoha.train.sft import (
+    announce,
+    context_for,
+    load_chat_model,
+    make_export,
+    module_main,
+    stage_main,
+    steps_for,
+    write_config,
+)
+
+Batch = dict[str, torch.Tensor]
+LogpFn = Callable[[Batch], torch.Tensor]
+
+
+@dataclass
+class DPOConfig:
+    data: str | list[str] = "data/world/preferences.jsonl"  # same format as `kotonoha reward`
+    val_data: str | list[str] | None = None  # None = the "test" pairs of `data`
+    test_fraction: float = 0.1  # held out when `data` marks no pair as "test"
+    init_from: str = "runs/sft"  # the policy's start and the frozen reference
+    out: str = "runs/dpo"
+    chat_template: str | None = None
+    context_length: int | None = None
+    beta: float = 0.1  # larger = stay closer to the reference
+    epochs: float | None = None  # when set it decides train.steps
+    lora: str | LoRAConfig | None = None
+    merge_lora: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)  # batch_size counts pairs
+
+    def __post_init__(self) -> None:
+        self.lora = parse_lora(self.lora)
+        if self.beta <= 0:
+            raise UserError(f"beta must be positive, got {self.beta}.")
+
+
+def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """log π(reply | prompt) for every row: the sum over the reply's tokens (B,)."""
+    ids, mask = batch["ids"], batch["mask"]
+    logits = model(ids[:, :-1]).float()
+    logp = -F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return (logp.view_as(mask) * mask).sum(-1)
+
+
+def make_reference(model: nn.Module, lora: LoRAConfig | None,
+                   device: torch.device | None = None) -> LogpFn:
+    """A frozen copy of the starting model (or, for LoRA, the model minus its adapters)."""
+    if lora is not None:
+        def with_adapters_off(batch: Batch) -> torch.Tensor:
+            with torch.no_grad(), adapters_disabled(model):
+                return sequence_logps(model, batch)
+
+        return with_adapters_off
+    ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+
+    def frozen(batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logps(ref, batch)
+
+    return frozen
+
+
+def dpo_loss(reference: LogpFn, beta: float) -> Callable[[nn.Module, Batch],
+                                                         tuple[torch.Tensor, dict[str, float]]]:
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logps, ref = sequence_logps(model, batch), reference(batch)
+        n = len(logps) // 2
+        chosen = beta * (logps[:n] - ref[:n])  # implicit rewards
+        rejected = beta * (logps[n:] - ref[n:])
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        return loss, {"reward_chosen": chosen.mean().item(),
+                      "reward_rejected": rejected.mean().item(),
+                      "reward_margin": (chosen - rejected).mean().item(),
+                      "reward_accuracy": (chosen > rejected).float().mean().item()}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_dpo(policy: LogpFn | None, reference: LogpFn, data: PairData, micro: int,
+                 beta: float, device: torch.device) -> dict[str, float]:
+    """On held-out pairs: the DPO loss and reward accuracy, and how much more likely the policy
+    finds chosen than rejected replies (`val_logp_margin`, comparable before and after).
+    `policy=None` evaluates the reference itself (the starting point)."""
+    margins, logp_diffs = [], []
+    for b in data.chunks(micro):
+        b = {k: v.to(device) for k, v in b.items()}
+        ref = reference(b).float().cpu()
+        logps = ref if policy is None else policy(b).float().cpu()
+        n = len(logps) // 2
+        logp_diffs.append(logps[:n] - logps[n:])
+        margins.append(beta * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])))
+    m, diff = torch.cat(margins), torch.cat(logp_diffs)
+    return {"val_loss": -F.logsigmoid(m).mean().item(),
+            "val_reward_accuracy": (m > 0).float().mean().item(),
+            "val_reward_margin": m.mean().item(),
+            "val_logp_margin": diff.mean().item(),
+            "val_logp_accuracy": (diff > 0).float().mean().item()}
+
+
+def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
+    """Optimise the policy on preference pairs; return the run directory (a model dir)."""
+    run_dir = Path(cfg.out)
+    check_run_dir(run_dir, resume)
+    train_pairs, test_pairs = split_pairs(load_preferences(cfg.data), cfg.test_fraction,
+                                          cfg.train.seed)
+    if cfg.val_data:
+        test_pairs = load_preferences(cfg.val_data)
+    if not train_pairs:
+        raise UserError(f"{cfg.data} holds only test pairs; DPO needs pairs to train on.")
+    d = init_distributed(cfg.train.device)
+    model, tok = load_chat_model(cfg.init_from, cfg.chat_template)
+    ctx = context_for(model, cfg.context_length)
+    train = PairData(tok, train_pairs, ctx, seed=cfg.train.seed)
+    test = PairData(tok, test_pairs, ctx) if test_pairs else None
+    steps_for(cfg.train, cfg.epochs, len(train))
+    lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
+    if lora is not None:
+        apply_lora(model, lora)
+    reference = make_reference(model, lora, d.device)  # before the trainer wraps the model
+    write_config(run_dir, cfg, d)
+
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // d.world_size)
+
+    def policy(batch: Batch) -> torch.Tensor:
+        return sequence_logps(model, batch)
+
+    final: dict[str, float] = {}
+
+    def evaluate(_: nn.Module) -> dict[str, float]:
+        assert test is not None
+        final.update(evaluate_dpo(policy, reference, test, micro, cfg.beta, d.device))
+        return final
+
+    trainer = Trainer(
+        model, cfg.train, run_dir,
+        get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
+        loss_fn=dpo_loss(reference, cfg.beta), evaluate=evaluate if test else None,
+        export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
+                           {"stage": "dpo", "init_from": cfg.init_from, "beta": cfg.beta}),
+        flops_per_token=flops_per_token(model.cfg, ctx)["training"], dist_info=d,
+    )
+    report: dict[str, Any] = {"train_pairs": len(train), "test_pairs": len(test_pairs),
+                              "beta": cfg.beta}
+    if test is not None:  # the reference *is* the starting policy: "before" needs no training
+        with trainer.autocast():
+            report["before"] = evaluate_dpo(None, reference, test, micro, cfg.beta, d.device)
+    announce("dpo", model, len(train), cfg.train, d)
+    trainer.fit(resume=resume)
+    if test is not None:
+        if not final:  # resumed after the last step: nothing evaluated yet
+            trainer.run_eval()
+        report["after"] = dict(final)
+    if d.is_main:
+        atomic_write_json(run_dir / "dpo_eval.json", report)
+        if test is not None and cfg.train.progress:
+            b, a = report["before"], report["after"]
+            print(f"dpo: held-out log-prob margin (chosen - rejected) "
+                  f"{b['val_logp_margin']:.2f} -> {a['val_logp_margin']:.2f}, policy prefers "
+                  f"chosen {b['val_logp_accuracy']:.1%} -> {a['val_logp_accuracy']:.1%}",
+                  file=sys.stderr)
+    return run_dir
+
+
+def dpo_main(config_path: str | None, overrides: list[str], resume: bool) -> Path:
+    """Entry point for `kotonoha dpo --config X.yaml [key=value ...] [--resume]`."""
+    return stage_main(run_dpo, load_config(DPOConfig, config_path, overrides), resume)
+
+
+if __name__ == "__main__":
+    sys.exit(module_main(dpo_main, "python -m kotonoha.train.dpo"))

@@ -1,0 +1,230 @@
+"""Supervised fine-tuning: next-token loss on the assistant's tokens of chat conversations.
+
+    kotonoha sft --config configs/sft-tiny.yaml [init_from=runs/base lora=r=16,alpha=32 ...]
+
+The starting model is anything `load_model` opens (a pretrain run, a Hugging Face directory,
+a .gguf file) or a packaged model's name. Conversations are rendered with the model's chat template, or ChatML when a base
+model has none (its vocabulary must have the ChatML tokens; otherwise pass `chat_template=`).
+The run directory is a normal model directory whose tokenizer carries the template, so
+`kotonoha chat --model RUN` works on it. With `lora`, only low-rank adapters train; the run
+directory then also holds `adapter.safetensors` + `adapter.json`, and the merged model unless
+`merge_lora: false`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kotonoha.checkpoint import atomic_write_text, build_model, load_model, save_model
+from kotonoha.config import dump_yaml, load_config
+from kotonoha.data.chat import (
+    SFTData,
+    ensure_chat_template,
+    load_conversations,
+    split_conversations,
+)
+from kotonoha.errors import UserError
+from kotonoha.model import Transformer, flops_per_token
+from kotonoha.models import resolve
+from kotonoha.tokenizer import Tokenizer
+from kotonoha.train.loop import Dist, TrainConfig, Trainer, check_run_dir, init_distributed
+from kotonoha.train.lora import LoRAConfig, apply_lora, merge_state_dict, parse_lora, save_adapter
+
+
+@dataclass
+class SFTConfig:
+    data: str | list[str] = "data/world/sft.jsonl"  # JSONL conversation file(s)
+    val_data: str | list[str] | None = None  # None = hold out val_fraction of `data`
+    val_fraction: float = 0.05
+    init_from: str = "runs/pretrain"  # a run/model directory or a .gguf file
+    out: str = "runs/sft"
+    chat_template: str | None = None  # Jinja text or a .jinja file; None = the model's/ChatML
+    context_length: int | None = None  # longer conversations are cut; None = the model's
+    packing: bool = False  # several conversations per row (fewer pad tokens)
+    epochs: float | None = None  # when set it decides train.steps
+    lora: str | LoRAConfig | None = None  # e.g. "r=16,alpha=32"; None = full fine-tuning
+    merge_lora: bool = True  # also write the merged model (what chat and later stages load)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.lora = parse_lora(self.lora)
+
+
+# --- pieces the reward and DPO stages share ------------------------------------------------
+
+
+def load_chat_model(init_from: str, chat_template: str | None,
+                    ) -> tuple[Transformer, Tokenizer]:
+    """The starting model in fp32 (the trainer autocasts) and its tokenizer, with a template.
+    `init_from` is a model/run directory, a Hugging Face directory, a .gguf file or the name
+    of a packaged model (`smollm2`)."""
+    model, tok = load_model(resolve(init_from), dtype=torch.float32)
+    if tok is None:
+        raise UserError(f"{init_from} has no tokenizer (tokenizer.json); post-training needs "
+                        "the model's tokenizer next to its weights.")
+    ensure_chat_template(tok, chat_template, init_from)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"The tokenizer of {init_from} has {tok.vocab_size} tokens but the "
+                        f"model only {model.cfg.vocab_size}; they do not belong together.")
+    return model.train(), tok
+
+
+def context_for(model: Transformer, context_length: int | None) -> int:
+    ctx = context_length or model.cfg.context_length
+    if ctx > model.cfg.context_length:
+        raise UserError(f"context_length={ctx} is longer than the model's "
+                        f"{model.cfg.context_length}.")
+    return ctx
+
+
+def steps_for(train: TrainConfig, epochs: float | None, n_examples: int) -> None:
+    if epochs:
+        train.steps = max(1, math.ceil(epochs * n_examples / train.batch_size))
+
+
+def make_export(run_dir: Path, model: Transformer, tok: Tokenizer, lora: LoRAConfig | None,
+                merge: bool, extra: dict[str, Any]) -> Callable[[dict[str, torch.Tensor], int],
+                                                                None]:
+    """The trainer's export hook: the model files (and the adapter, for LoRA runs)."""
+    mcfg = model.cfg
+
+    def export(state: dict[str, torch.Tensor], step: int) -> None:
+        info = {**extra, "step": step}
+        if lora is not None:
+            save_adapter(run_dir, state, lora, base=extra.get("init_from"), extra=info)
+            if not merge:
+                tok.save(run_dir)
+                return
+            state = merge_state_dict(state, lora)
+        save_model(run_dir, build_model(mcfg, state, source=run_dir), tok, extra=info)
+
+    return export
+
+
+def write_config(run_dir: Path, cfg: Any, d: Dist) -> None:
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+
+
+def announce(stage: str, model: nn.Module, n_examples: int, train: TrainConfig, d: Dist) -> None:
+    if d.is_main and train.progress:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        share = f" ({trainable / 1e6:.3f}M trainable)" if trainable != total else ""
+        print(f"{stage}: {total / 1e6:.2f}M parameters{share}, {n_examples} examples, "
+              f"{train.steps} steps x {train.batch_size} on {d.device}", file=sys.stderr)
+
+
+# --- the objective --------------------------------------------------------------------------
+
+
+def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy on masked (assistant) tokens, summed and scaled by the batch's `scale`.
+
+    A sum, never a mean over zero tokens: a batch with nothing to learn gives loss 0 and
+    zero gradients instead of NaN.
+    """
+    logits = model(batch["x"])
+    ce = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), reduction="none")
+    return (ce * batch["mask"].flatten()).sum() * batch["scale"], {}
+
+
+def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
+                   ) -> Callable[[nn.Module], dict[str, float]]:
+    """Mean loss per assistant token on the held-out conversations. Every rank evaluates all
+    of them (they are few), which keeps FSDP ranks in lockstep without any bookkeeping."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        total = count = 0.0
+        for i in range(0, len(val), micro):
+            b = val.collate(list(range(i, min(len(val), i + micro))))
+            x, y, mask = (b[k].to(device) for k in ("x", "y", "mask"))
+            ce = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
+            total += float((ce * mask.flatten()).sum())
+            count += float(mask.sum())
+        return {"val_loss": total / max(1.0, count)}
+
+    return evaluate
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
+    """Fine-tune and return the run directory."""
+    run_dir = Path(cfg.out)
+    check_run_dir(run_dir, resume)
+    convs = load_conversations(cfg.data)
+    if cfg.val_data:
+        train_convs, val_convs = convs, load_conversations(cfg.val_data)
+    else:
+        train_convs, val_convs = split_conversations(convs, cfg.val_fraction, cfg.train.seed)
+    d = init_distributed(cfg.train.device)
+    model, tok = load_chat_model(cfg.init_from, cfg.chat_template)
+    ctx = context_for(model, cfg.context_length)
+    train = SFTData(tok, train_convs, ctx, pack=cfg.packing, seed=cfg.train.seed)
+    val = SFTData(tok, val_convs, ctx, seed=cfg.train.seed) if val_convs else None
+    steps_for(cfg.train, cfg.epochs, len(train))
+    lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
+    if lora is not None:
+        apply_lora(model, lora)
+    write_config(run_dir, cfg, d)
+
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // d.world_size)
+    trainer = Trainer(
+        model, cfg.train, run_dir,
+        get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
+        loss_fn=sft_loss,
+        evaluate=masked_lm_eval(val, micro, d.device) if val else None,
+        export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
+                           {"stage": "sft", "init_from": cfg.init_from}),
+        flops_per_token=flops_per_token(model.cfg, ctx)["training"], dist_info=d,
+    )
+    announce("sft", model, len(train), cfg.train, d)
+    trainer.fit(resume=resume)
+    return run_dir
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def sft_main(config_path: str | None, overrides: list[str], resume: bool) -> Path:
+    """Entry point for `kotonoha sft --config X.yaml [key=value ...] [--resume]`."""
+    return stage_main(run_sft, load_config(SFTConfig, config_path, overrides), resume)
+
+
+def stage_main(run: Callable[[Any, bool], Path], cfg: Any, resume: bool) -> Path:
+    try:
+        return run(cfg, resume)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def module_main(entry: Callable[[str | None, list[str], bool], Path], prog: str,
+                argv: list[str] | None = None) -> int:
+    """`python -m kotonoha.train.<stage>` (what torchrun launches)."""
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--config")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.lr=1e-4")
+    args = p.parse_args(argv)
+    try:
+        entry(args.config, args.overrides, args.resume)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(module_main(sft_main, "python -m kotonoha.train.sft"))

@@ -1,0 +1,121 @@
+"""LoRA: only the adapters train, a short run changes the answer, merging changes nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from chat_testing import (
+    CONFIGS,
+    FAST,
+    assistant,
+    conversations,
+    greedy_replies,
+    sft_model,
+    user,
+    write_jsonl,
+)
+from kotonoha.checkpoint import load_model
+from kotonoha.errors import UserError
+from kotonoha.model import Transformer, preset
+from kotonoha.train.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    merge_lora,
+    merge_state_dict,
+    parse_lora,
+)
+from kotonoha.train.sft import sft_main
+
+QUESTION, REPLY = "Say hello.", "Hello, thanks!"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny", vocab_size=300, context_length=32))
+
+
+def test_lora_sft_teaches_a_fixed_reply(tmp_path: Path) -> None:
+    base = sft_model()
+    assert greedy_replies(base, [QUESTION])[0] != REPLY
+    # The new question, among the old conversations so that those are kept.
+    rows = conversations() + [{"messages": [user(QUESTION), assistant(REPLY)]}] * 8
+    data = write_jsonl(tmp_path / "hello.jsonl", rows)
+    run = sft_main(str(CONFIGS / "sft-tiny.yaml"),
+                   [f"data={data}", f"init_from={base}", f"out={tmp_path / 'lora'}",
+                    "val_fraction=0", "lora=r=8,alpha=32", "train.steps=60", "train.lr=1e-2",
+                    *FAST], False)
+    assert greedy_replies(run, [QUESTION])[0] == REPLY
+    assert "Beno" in greedy_replies(run, ["What is the capital of Aru?"])[0]
+    meta = json.loads((run / "adapter.json").read_text())
+    assert meta["lora"]["r"] == 8 and meta["base"] == str(base)
+    # The adapter alone, applied to the base model, is the merged model of the run.
+    model, tok = load_model(base, dtype=torch.float32)
+    load_adapter(model, run)
+    merged, _ = load_model(run)
+    ids = torch.tensor([tok.encode_chat([user(QUESTION)], add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids), merged(ids), atol=1e-4)
+
+
+def test_only_the_adapters_train() -> None:
+    model = apply_lora(tiny_model(), LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert {n.split(".")[-2] for n in trainable} == {"q_proj", "v_proj"}
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * 2  # 2 layers
+
+
+def test_merge_gives_the_same_logits() -> None:
+    model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():  # a trained-looking adapter (B starts at zero)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.05)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        adapted = model(ids)
+        plain = tiny_model()
+        plain.load_state_dict(merge_state_dict(model.state_dict(), LoRAConfig(r=4, alpha=8)))
+        from_state = plain(ids)
+        merged = merge_lora(model)(ids)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert not torch.allclose(adapted, tiny_model()(ids), atol=1e-3)  # the adapter matters
+    assert torch.allclose(merged, adapted, atol=1e-5)
+    assert torch.allclose(from_state, adapted, atol=1e-5)
+
+
+def test_lora_settings_parse() -> None:
+    cfg = parse_lora("r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj")
+    assert cfg == LoRAConfig(r=16, alpha=32.0, dropout=0.05, targets=["q_proj", "v_proj"])
+    assert parse_lora({"r": 2}) == LoRAConfig(r=2) and parse_lora(None) is None
+    for bad, match in [("rank=4", "not understood"), ("r=x", "needs a number"),
+                       ("r=0", "positive")]:
+        with pytest.raises(UserError, match=match):
+            parse_lora(bad)
+    with pytest.raises(UserError, match="No linear layer"):
+        apply_lora(tiny_model(), LoRAConfig(targets=["qkv"]))
+
+
+def test_adapter_must_fit_its_base(tmp_path: Path) -> None:
+    from kotonoha.train.lora import save_adapter
+
+    model = apply_lora(tiny_model(), LoRAConfig(r=4))
+    save_adapter(tmp_path, model.state_dict(), LoRAConfig(r=4), base="tiny")
+    other = Transformer(preset("tiny", vocab_size=300, context_length=32, d_model=32))
+    with pytest.raises(UserError, match="does not fit"):
+        load_adapter(other, tmp_path)

@@ -1,0 +1,179 @@
+"""Supervised fine-tuning: it learns to answer, it only learns from the assistant, it resumes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from chat_testing import (
+    CONFIGS,
+    FAST,
+    PLACES,
+    QUESTIONS,
+    answer,
+    assistant,
+    conversations,
+    greedy_replies,
+    make_base,
+    sft_model,
+    tokenizer,
+    user,
+    write_jsonl,
+)
+from kotonoha.checkpoint import load_model, read_safetensors, save_model
+from kotonoha.data.chat import (
+    SFTData,
+    encode_conversation,
+    ensure_chat_template,
+    load_conversations,
+)
+from kotonoha.data.world import generate_world
+from kotonoha.errors import UserError
+from kotonoha.model import Transformer, preset
+from kotonoha.tokenizer import CHATML_TEMPLATE, train_bpe
+from kotonoha.train.sft import SFTConfig, sft_loss, sft_main
+
+SFT_TINY = CONFIGS / "sft-tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a busy 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+def losses(run: Path) -> list[float]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+def test_sft_learns_to_answer_and_writes_a_chat_model() -> None:
+    run = sft_model()
+    curve = losses(run)
+    assert curve[-1] < 0.1 * curve[0], curve  # loss per assistant token fell 10x
+    model, tok = load_model(run)
+    assert tok is not None and tok.chat_template == CHATML_TEMPLATE
+    assert json.loads((run / "model.json").read_text())["stage"] == "sft"
+    # Greedy answers through the engine, with a phrasing it was trained on and one it was not.
+    questions = [q.format(c=c) for c in PLACES for q in (QUESTIONS[0], "Capital of {c}?")]
+    replies = greedy_replies(run, questions)
+    right = sum(PLACES[q.split()[-1].rstrip("?.")] in r for q, r in zip(questions, replies))
+    assert right >= 0.9 * len(questions), list(zip(questions, replies))
+
+
+def test_loss_ignores_the_user_tokens() -> None:
+    tok = tokenizer()
+    data = SFTData(tok, [c["messages"] for c in conversations()], 64)
+    batch = data.batch(0, 8, range(8))
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size, context_length=64))
+    loss, _ = sft_loss(model, batch)
+    masked = batch["mask"] == 0
+    assert masked.any() and (~masked).any()
+    other = dict(batch, y=torch.where(masked, (batch["y"] + 7) % tok.vocab_size, batch["y"]))
+    assert torch.equal(sft_loss(model, other)[0], loss)  # user/template targets: no effect
+    other = dict(batch, y=torch.where(masked, batch["y"], (batch["y"] + 7) % tok.vocab_size))
+    assert not torch.allclose(sft_loss(model, other)[0], loss)  # assistant targets: do count
+
+
+def test_an_all_masked_batch_gives_zero_loss_and_zero_gradients() -> None:
+    tok = tokenizer()
+    data = SFTData(tok, [c["messages"] for c in conversations()], 64)
+    batch = data.batch(0, 4, range(4))
+    batch["mask"].zero_()
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size, context_length=64))
+    loss, _ = sft_loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == 0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_untrained_turns_and_the_world_format() -> None:
+    tok = tokenizer()
+    msgs = [user("What is the capital of Aru?"), assistant("The capital of Aru is Doma.",
+                                                            train=False),
+            user("Are you sure?"), assistant("Sorry, the capital of Aru is Beno.")]
+    ids, mask = encode_conversation(tok, msgs)
+    # Exactly the trained reply and the end-of-turn token that closes it carry loss.
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == (
+        "Sorry, the capital of Aru is Beno.<|im_end|>")
+    # The world's correction_wrong conversations use this marker.
+    world = generate_world(seed=0, scale=0.05)
+    conv = next(c for c in world.sft_conversations() if c["kind"] == "correction_wrong")
+    wrong = next(m["content"] for m in conv["messages"] if m.get("train") is False)
+    ids, mask = encode_conversation(tok, conv["messages"])
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert wrong not in learned and conv["messages"][-1]["content"] in learned
+
+
+def test_packing_keeps_every_assistant_token_in_fewer_rows() -> None:
+    tok = tokenizer()
+    convs = [c["messages"] for c in conversations()]
+    plain, packed = SFTData(tok, convs, 128), SFTData(tok, convs, 128, pack=True)
+    assert len(packed) <= len(plain) / 2
+    assert sum(packed.n_targets) == sum(plain.n_targets)
+    assert all(len(ids) <= 129 for ids, _ in packed.examples)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "sft.jsonl", conversations())
+    base = make_base(tmp_path / "base")
+    common = [f"data={data}", f"init_from={base}", "val_fraction=0", "train.schedule=constant",
+              "train.warmup_steps=2", *FAST]
+    whole = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'a'}", "train.steps=12"], False)
+    sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=6"], False)
+    with pytest.raises(UserError, match="--resume"):  # the trainer core refuses to overwrite
+        sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12"], False)
+    resumed = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12"], True)
+    a, b = (read_safetensors(r / "model.safetensors") for r in (whole, resumed))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_chat_template_for_models_without_one(tmp_path: Path) -> None:
+    # A base tokenizer with the ChatML tokens but no template gets ChatML.
+    tok = tokenizer()
+    tok.chat_template = None
+    assert ensure_chat_template(tok, None, "base").chat_template == CHATML_TEMPLATE
+    # A foreign vocabulary without them needs an explicit template: a clear error, exit 2.
+    foreign = train_bpe([answer(c) for c in PLACES] * 3, vocab_size=280,
+                        special_tokens=["</s>"])
+    assert foreign.chat_template is None
+    model = Transformer(preset("tiny", vocab_size=foreign.vocab_size, context_length=64))
+    base = save_model(tmp_path / "foreign", model, foreign)
+    data = write_jsonl(tmp_path / "sft.jsonl", conversations())
+    args = [f"data={data}", f"init_from={base}", f"out={tmp_path / 'out'}", *FAST]
+    with pytest.raises(UserError, match="no chat template.*chat_template="):
+        sft_main(str(SFT_TINY), args, False)
+    # ... and with one (ending each turn with its eos), it trains and chat works.
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '</s>' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    run = sft_main(str(SFT_TINY), [*args, f"chat_template={tmp_path / 't.jinja'}",
+                                   "train.steps=3"], False)
+    assert load_model(run)[1].chat_template == template
+
+
+def test_bad_conversation_files_name_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(conversations()[0]) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"bad.jsonl line 2 is not valid JSON"):
+        load_conversations(str(bad))
+    write_jsonl(bad, [conversations()[0], {"messages": [user("Hi"), user("Anyone?")]}])
+    with pytest.raises(UserError, match=r"bad.jsonl line 2 has no assistant turn"):
+        load_conversations(str(bad))
+    write_jsonl(bad, [{"messages": [user("Hi"), assistant("No.", train=False)]}])
+    with pytest.raises(UserError, match=r"line 1 has no assistant turn"):
+        load_conversations(str(bad))
+    with pytest.raises(UserError, match="does not exist"):
+        load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+def test_config_accepts_a_lora_string() -> None:
+    cfg = SFTConfig(lora="r=4,alpha=8")
+    assert cfg.lora is not None and not isinstance(cfg.lora, str) and cfg.lora.scale == 2.0
