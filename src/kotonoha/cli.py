@@ -341,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-tokens", type=int, default=None)
     p.set_defaults(func=cmd_baselines)
 
+    from kotonoha.explain.cli import add_experiment_commands, add_explain_commands
+
+    add_explain_commands(sub)  # explain {embeddings,attention,lens}
+    add_experiment_commands(sub)  # experiment scaling
+
     from kotonoha.serve.cli import DEFAULT_DB, add_serve_arguments, run_serve
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web UI on 127.0.0.1")
