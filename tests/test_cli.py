@@ -74,6 +74,14 @@ def test_convert_round_trip(model_dir, tmp_path, capsys):
     assert run(["convert", "--from", str(tmp_path / "hf"), "--to", "kotonoha",
                 "--out", str(tmp_path / "back")], capsys)[0] == 0
     assert (tmp_path / "back" / "model.json").is_file()
+    assert run(["convert", "--from", str(model_dir), "--to", "gguf", "--gguf-type", "f32",
+                "--out", str(tmp_path / "m.gguf")], capsys)[0] == 0
+    from kotonoha.checkpoint import load_model
+
+    a, _ = load_model(model_dir)
+    b, _ = load_model(tmp_path / "m.gguf")
+    ids = torch.arange(10)[None]
+    assert (a(ids) - b(ids)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("argv,match", [

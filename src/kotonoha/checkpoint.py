@@ -259,12 +259,15 @@ def load_model(spec: str | Path, *, device: torch.device | str | None = None,
 
     `spec` may be a kotonoha model/run directory (model.json + model.safetensors), a run
     directory with the model in its `model/` folder, a Hugging Face directory (config.json +
-    safetensors, sharded or not) or a `.gguf` file. Only safetensors, JSON and GGUF are read;
+    safetensors, sharded or not), a `.gguf` file, or a packaged name such as `smollm2`. Only safetensors, JSON and GGUF are read;
     nothing is unpickled.
     """
-    path = Path(spec).expanduser()
+    from kotonoha.models import resolve  # packaged names ("smollm2") -> the file they ship
+
+    path = Path(resolve(spec)).expanduser()
     expected = ("expected a kotonoha model directory (model.json + model.safetensors), a Hugging "
-                "Face model directory (config.json + *.safetensors) or a .gguf file")
+                "Face model directory (config.json + *.safetensors), a .gguf file or a packaged name "
+                "(smollm2, gemma3-270m)")
     if not path.exists():
         raise UserError(f"Model path {path} does not exist; {expected}.")
     if path.is_file():

@@ -178,6 +178,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
         from kotonoha.convert.hf import save_hf
 
         save_hf(args.out, model, tokenizer)
+    elif args.to == "gguf":
+        from kotonoha.convert.gguf import save_gguf
+
+        save_gguf(args.out, model, tokenizer, dtype=args.gguf_type)
     else:  # pragma: no cover - argparse restricts the choices
         raise UserError(f"Unknown target format '{args.to}'.")
     print(f"wrote {args.to} model to {args.out}")
@@ -283,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("convert", help="convert between kotonoha and Hugging Face formats")
+    p = sub.add_parser("convert", help="convert between kotonoha, Hugging Face and GGUF")
     p.add_argument("--from", dest="src", required=True, help="model to read")
-    p.add_argument("--to", required=True, choices=["kotonoha", "hf"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--to", required=True, choices=["kotonoha", "hf", "gguf"])
+    p.add_argument("--out", required=True, help="a directory, or a .gguf file with --to gguf")
+    p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="matrix type of a GGUF export (norms stay f32)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_convert)
 
