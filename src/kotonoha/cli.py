@@ -86,7 +86,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         from kotonoha.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(args.tokenizer)
-    if args.model in PRESETS and not Path(args.model).exists():
+    from kotonoha.models import is_packaged
+
+    # "gemma3-270m" is both a preset (random weights) and a packaged model: the model wins.
+    if args.model in PRESETS and not is_packaged(args.model) and not Path(args.model).exists():
         if tokenizer is None:
             raise UserError(
                 f"--model {args.model} is a preset with random weights; give it a tokenizer "
