@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -146,11 +145,9 @@ def test_missing_path_and_empty_dir(tmp_path: Path) -> None:
         load_model(tmp_path / "notes.txt")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kotonoha.convert.gguf") is not None,
-                    reason="GGUF import exists now; its own tests cover it")
-def test_gguf_not_available_yet(tmp_path: Path) -> None:
+def test_truncated_gguf_is_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(UserError, match="GGUF import is not available yet"):
+    with pytest.raises(UserError, match="m.gguf"):
         load_model(tmp_path / "m.gguf")
 
 

@@ -272,10 +272,8 @@ def load_model(spec: str | Path, *, device: torch.device | str | None = None,
         raise UserError(f"Model path {path} does not exist; {expected}.")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            try:
-                from kotonoha.convert.gguf import load_gguf  # type: ignore[import-not-found]
-            except ImportError:
-                raise UserError(f"Cannot open {path}: GGUF import is not available yet.") from None
+            from kotonoha.convert.gguf import load_gguf
+
             return load_gguf(path, device=device, dtype=dtype)
         if path.name in (CONFIG_FILE, WEIGHTS_FILE, "config.json"):
             return load_model(path.parent, device=device, dtype=dtype)
