@@ -222,15 +222,18 @@ def cmd_stage(args: argparse.Namespace) -> None:
     import importlib
 
     module, func = STAGES[args.verb]
-    run_dir = getattr(importlib.import_module(module), func)(args.config, args.overrides,
-                                                             args.resume)
-    print(f"{args.verb} run written to {run_dir}")
+    result = getattr(importlib.import_module(module), func)(args.config, args.overrides,
+                                                            args.resume)
+    if isinstance(result, str | Path):  # the pipeline prints its own summary
+        print(f"{args.verb} run written to {result}")
 
 
 STAGES = {
     "sft": ("kotonoha.train.sft", "sft_main"),
     "reward": ("kotonoha.train.reward", "reward_main"),
     "dpo": ("kotonoha.train.dpo", "dpo_main"),
+    "rl": ("kotonoha.train.rl", "rl_main"),
+    "pipeline": ("kotonoha.pipeline", "pipeline_main"),
 }
 
 
@@ -324,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for verb, text in (("sft", "supervised fine-tuning on conversations (optionally LoRA)"),
                        ("reward", "a reward model on preference pairs (Bradley-Terry)"),
-                       ("dpo", "direct preference optimisation against a frozen reference")):
+                       ("dpo", "direct preference optimisation against a frozen reference"),
+                       ("rl", "PPO-clip with group-relative advantages and a KL leash"),
+                       ("pipeline", "world -> tokenizer -> pretrain -> SFT -> reward -> RL/DPO")):
         p = sub.add_parser(verb, help=text)
         p.add_argument("--config", default=None, help="YAML file")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

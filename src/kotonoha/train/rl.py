@@ -1,0 +1,745 @@
+"""Reinforcement learning: the SFT policy optimised for a reward, on a KL leash to itself.
+
+    kotonoha rl --config configs/pipeline-demo.yaml [key=value ...] [--resume]
+
+One RL *iteration* is: pick `prompts_per_rollout` prompts, sample `group_size` replies to each
+through the shared `Engine` (temperature 1, each reply with its own seed), score them, turn the
+scores into group-relative advantages, then take `ppo_epochs` passes of optimizer steps over
+those samples. The optimisation runs on the one trainer core (`train/loop.py`): a trainer step
+is one optimizer step on `train.batch_size` of the samples, and `get_batch` produces a new
+rollout whenever a step starts a new iteration. So the core's AdamW, schedule, clipping,
+progress bar, metrics.jsonl, checkpoints and resume all apply unchanged.
+
+The objective (per response token t of sample i, with r = pi_new / pi_old):
+
+    loss = -min(r * A_i, clip(r, 1 - eps, 1 + eps) * A_i)  +  kl_coef * k3(pi_new || pi_ref)
+
+- **Advantages** are GRPO's: A_i = (R_i - mean(group)) / (std(group) + 1e-6), so no value
+  network is needed; a group whose replies all score the same teaches nothing (A = 0).
+- **Old log-probabilities** come from the engine, which reports log-softmax of the raw logits:
+  that is exactly pi_old when sampling at temperature 1 with no truncation, which is why
+  rollouts always use temperature 1 (any other temperature samples from a different policy).
+- **KL** is a per-token penalty in the loss (not reward shaping), with Schulman's k3 estimator
+  exp(q) - q - 1, q = log pi_ref - log pi_new: unbiased for KL(pi_new || pi_ref) on tokens the
+  policy sampled, never negative, and 0 exactly where the policy equals the reference. The
+  logged `kl` is its mean over response tokens; `kl_budget` is the most the run may end with.
+- **Length**: `length_penalty` subtracts `coef * tokens` from the reward (a guard against a
+  reward model that likes long answers); the raw reward and the length are logged side by side.
+
+Rewards: `reward: model` scores with the reward model in `reward_model` (a `kotonoha reward`
+run); `reward: arithmetic` is the world's verifiable reward (1 if the reply's final number is
+the prompt's `answer`, else 0) and is the only place the rule-based checker feeds training.
+Evaluation after RL uses the checker on held-out prompts, never the reward model.
+
+Run directory: what the core writes (metrics.jsonl, train_state/, model files, loss.png), plus
+`rollouts.jsonl` (one line per iteration: reward, length, KL, sample replies), `rollout/`
+(the current iteration's samples, so a resume mid-iteration trains on the same samples),
+`rl.png` (reward, KL and length curves) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from kotonoha.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    build_model,
+    load_model,
+    save_model,
+)
+from kotonoha.config import dump_yaml, load_config
+from kotonoha.data import checker
+from kotonoha.errors import UserError
+from kotonoha.train.loop import Dist, TrainConfig, Trainer, check_run_dir, init_distributed
+
+Prompt = dict[str, Any]  # {"messages": [...], optional "answer", "kind", "lang"}
+# (prompts, reply texts) -> one reward per reply. Named ones live in REWARDS.
+RewardFn = Callable[[Sequence[Prompt], Sequence[str]], list[float]]
+
+ROLLOUT_DIR = "rollout"
+ROLLOUTS_LOG = "rollouts.jsonl"
+
+
+# RL wants a small constant learning rate: the policy starts good and must stay near it.
+# (A dict, merged under the YAML and overrides, so setting one train.* key keeps the others.)
+RL_TRAIN_DEFAULTS: dict[str, Any] = dict(steps=40, batch_size=16, lr=1e-5, schedule="constant",
+                                         warmup_steps=0, weight_decay=0.0, log_interval=1,
+                                         eval_interval=0)
+
+
+@dataclass
+class RLConfig:
+    model: str = "runs/sft"  # the policy to start from (an SFT run)
+    out: str = "runs/rl"
+    reference: str | None = None  # the frozen KL reference; None = `model`
+    reward: str = "model"  # model | arithmetic (see REWARDS)
+    reward_model: str | None = "runs/reward"  # a `kotonoha reward` run, for reward: model
+    # Prompts: "world" = the conversations of `world`/sft.jsonl cut before their last
+    # assistant turn; or a JSONL file of {"messages": [...], "answer"?: ...}.
+    prompts: str = "world"
+    world: str = "data/world"
+    prompt_kinds: list[str] = field(default_factory=list)  # world SFT kinds to keep; [] = all
+    max_prompts: int | None = None
+    group_size: int = 4  # replies per prompt (G)
+    prompts_per_rollout: int = 8  # prompts per iteration; samples = this x group_size
+    ppo_epochs: int = 1  # passes over each iteration's samples
+    max_new_tokens: int = 64
+    rollout_batch_size: int = 32  # engine rows
+    clip_eps: float = 0.2
+    kl_coef: float = 0.05
+    kl_budget: float = 0.5  # the largest mean per-token KL the run may end with
+    length_penalty: float = 0.0  # reward -= length_penalty * reply tokens
+    normalize_std: bool = True  # GRPO's division by the group's std (False: Dr. GRPO)
+    # Evaluation with the rule-based checker on held-out eval items (per task and language).
+    eval_tasks: list[str] = field(default_factory=lambda: ["qa", "false_premise", "refusal",
+                                                           "benign", "arithmetic"])
+    eval_split: str = "default"  # see eval/chat.py: held-out entities, in-range arithmetic
+    eval_items: int = 8  # per task and language; 0 turns the evaluation off
+    # Mean reward of sampled replies to this many pool prompts (group_size each, the same
+    # seeds every time) before and after: the low-noise "did RL raise the reward" number.
+    probe_prompts: int = 32
+    samples_logged: int = 2  # replies per iteration written to rollouts.jsonl
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**RL_TRAIN_DEFAULTS))
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise UserError(f"group_size must be >= 2 (advantages compare replies to the same "
+                            f"prompt), got {self.group_size}.")
+        for name in ("prompts_per_rollout", "ppo_epochs", "max_new_tokens",
+                     "rollout_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 < self.clip_eps < 1:
+            raise UserError(f"clip_eps must be in (0, 1), got {self.clip_eps}.")
+        if self.kl_coef < 0:
+            raise UserError(f"kl_coef must be >= 0, got {self.kl_coef}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths (pure functions, tested by hand computations)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: each reward minus its group's mean (over / its std), groups of
+    `group_size` consecutive samples."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if normalize_std:
+        adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
+    return adv.flatten()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref) on tokens sampled from pi: e^q - q - 1 with
+    q = log ref - log pi. Non-negative, and 0 where the two agree."""
+    q = (ref_logp - logp).clamp(-20.0, 20.0)  # exp() of a huge gap would overflow
+    return (torch.exp(q) - q - 1.0).clamp_min(0.0)  # >= 0 exactly, not -1e-9 from rounding
+
+
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                  clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip loss and a 0/1 tensor of where the clip was the active term.
+
+    `adv` broadcasts over tokens (shape (B, 1) for per-sequence advantages).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, (clipped < unclipped).float()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and rewards
+
+
+def _cut_before_last_assistant(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                                         str | None]:
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        return [_clean(m) for m in messages], None
+    return [_clean(m) for m in messages[:last]], str(messages[last].get("content", ""))
+
+
+def _clean(m: dict[str, Any]) -> dict[str, str]:
+    return {"role": str(m["role"]), "content": str(m["content"])}
+
+
+def load_prompts(cfg: RLConfig) -> list[Prompt]:
+    """The prompt pool, in a fixed order (iterations draw from it by a seeded shuffle)."""
+    prompts: list[Prompt] = []
+    if cfg.prompts == "world":
+        path = Path(cfg.world) / "sft.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path} does not exist; generate the world with `kotonoha data "
+                            f"world --out {cfg.world}` or set rl.world / rl.prompts.")
+    else:
+        path = Path(cfg.prompts)
+        if not path.is_file():
+            raise UserError(f"Prompt file {path} does not exist; give a JSONL file of "
+                            '{"messages": [...]} lines, or prompts=world.')
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages = row.get("messages", row.get("prompt"))
+                if not isinstance(messages, list) or not messages:
+                    raise ValueError
+            except (ValueError, AttributeError):
+                raise UserError(f"{path}:{n} must be a JSON object with a non-empty "
+                                '"messages" list.') from None
+            kind = row.get("kind")
+            if cfg.prompt_kinds and kind not in cfg.prompt_kinds:
+                continue
+            msgs, reference = (_cut_before_last_assistant(messages) if cfg.prompts == "world"
+                               else ([_clean(m) for m in messages], None))
+            if not msgs or msgs[-1]["role"] != "user":
+                continue  # nothing for the assistant to answer
+            prompt: Prompt = {"messages": msgs, "kind": kind, "lang": row.get("lang")}
+            if "answer" in row:
+                prompt["answer"] = row["answer"]
+            elif kind == "arithmetic" and reference is not None:
+                prompt["answer"] = checker.final_number(reference)
+            prompts.append(prompt)
+            if cfg.max_prompts and len(prompts) >= cfg.max_prompts:
+                break
+    if not prompts:
+        raise UserError(f"No usable prompts in {path}"
+                        + (f" of kinds {cfg.prompt_kinds}" if cfg.prompt_kinds else "") + ".")
+    return prompts
+
+
+def arithmetic_reward(prompts: Sequence[Prompt], replies: Sequence[str]) -> list[float]:
+    """1 when the reply's final number is the prompt's answer (the world's checker rule)."""
+    out = []
+    for p, reply in zip(prompts, replies):
+        if p.get("answer") is None:
+            raise UserError("reward: arithmetic needs an 'answer' for every prompt; use "
+                            "prompt_kinds=[arithmetic] with the world, or add answers.")
+        out.append(float(checker.final_number(reply) == int(p["answer"])))
+    return out
+
+
+REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward}
+
+
+def make_reward_fn(cfg: RLConfig, device: torch.device) -> RewardFn:
+    if cfg.reward in REWARDS:
+        return REWARDS[cfg.reward]
+    if cfg.reward != "model":
+        raise UserError(f"Unknown reward '{cfg.reward}'; choose model or one of: "
+                        f"{', '.join(REWARDS)}.")
+    if not cfg.reward_model:
+        raise UserError("reward: model needs reward_model (a `kotonoha reward` run directory).")
+    from kotonoha.train.reward import load_reward_model
+
+    rm = load_reward_model(cfg.reward_model, device=device)
+
+    def score(prompts: Sequence[Prompt], replies: Sequence[str]) -> list[float]:
+        return [float(s) for s in rm.score([p["messages"] for p in prompts], list(replies))]
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples on this rank, row i = prompt i // G, reply i % G."""
+
+    index: int
+    ids: torch.Tensor  # (N, T) prompt + reply token ids, right-padded with 0
+    mask: torch.Tensor  # (N, T-1) 1 where target t+1 is a reply token
+    old_logp: torch.Tensor  # (N, T-1) log pi_old(target), from the engine
+    ref_logp: torch.Tensor  # (N, T-1) log pi_ref(target)
+    adv: torch.Tensor  # (N,)
+    reward: torch.Tensor  # (N,) before the length penalty
+    length: torch.Tensor  # (N,) reply tokens
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("ids", "mask", "old_logp", "ref_logp", "adv",
+                                              "reward", "length")}
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.tensors().items()}, str(tmp),
+                  metadata={"index": str(self.index)})
+        os.replace(tmp, path)  # a crash mid-write leaves the previous file, never half a file
+
+    @classmethod
+    def load(cls, path: Path, index: int) -> Rollout | None:
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("index") != str(index):
+                return None
+        return cls(index=index, **load_file(str(path)))
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 16,
+                      ) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) for every position, in fp32: (N, T-1)."""
+    out = []
+    for i in range(0, ids.shape[0], batch_size):
+        x = ids[i:i + batch_size]
+        logits = model(x[:, :-1]).float()
+        out.append(torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0])
+    return torch.cat(out)
+
+
+class RLRun:
+    """State shared by `get_batch`, `loss_fn` and `evaluate` of one RL run."""
+
+    def __init__(self, cfg: RLConfig, policy: nn.Module, reference: nn.Module, tokenizer: Any,
+                 prompts: list[Prompt], reward_fn: RewardFn, d: Dist, run_dir: Path) -> None:
+        self.cfg, self.policy, self.reference, self.tok = cfg, policy, reference, tokenizer
+        self.reward_fn, self.d, self.run_dir = reward_fn, d, run_dir
+        # Encode once; a prompt must leave room for a whole reply in the model's context.
+        room = policy.cfg.context_length - cfg.max_new_tokens
+        self.prompts = []
+        for p in prompts:
+            ids = tokenizer.encode_chat(p["messages"], add_generation_prompt=True)[0]
+            if len(ids) <= room:
+                self.prompts.append({**p, "ids": ids})
+        if not self.prompts:
+            raise UserError(f"No prompt fits the context of {policy.cfg.context_length} tokens "
+                            f"with room for max_new_tokens={cfg.max_new_tokens}; lower it.")
+        self.dropped = len(prompts) - len(self.prompts)
+        G, P, B = cfg.group_size, cfg.prompts_per_rollout, cfg.train.batch_size
+        if P % d.world_size:
+            raise UserError(f"prompts_per_rollout={P} must be divisible by the number of "
+                            f"processes ({d.world_size}).")
+        self.n_samples = P * G  # per iteration, all ranks
+        if self.n_samples % B:
+            raise UserError(f"train.batch_size={B} must divide the {self.n_samples} samples "
+                            f"of an iteration (prompts_per_rollout x group_size).")
+        self.minibatches = self.n_samples // B
+        self.steps_per_rollout = self.minibatches * cfg.ppo_epochs
+        self.per_rank = B // d.world_size
+        self.local_prompts = P // d.world_size
+        self.engine: Any = None
+        self.rollout: Rollout | None = None
+
+    # --- which prompts and samples ---------------------------------------------------------
+
+    def prompts_for(self, index: int) -> list[Prompt]:
+        """This rank's prompts of iteration `index`: consecutive slices of a seeded shuffle of
+        the pool, reshuffled every pass (a pure function of the index, for resume)."""
+        P, n = self.cfg.prompts_per_rollout, len(self.prompts)
+        out = []
+        first = index * P + self.d.rank * self.local_prompts
+        for k in range(first, first + self.local_prompts):
+            epoch, pos = divmod(k, n)
+            order = list(range(n))
+            random.Random(f"rl-prompts/{self.cfg.train.seed}/{epoch}").shuffle(order)
+            out.append(self.prompts[order[pos]])
+        return out
+
+    def get_batch(self, step: int, rows: range) -> dict[str, torch.Tensor]:
+        index, within = divmod(step, self.steps_per_rollout)
+        if self.rollout is None or self.rollout.index != index:
+            self.rollout = self._load_or_make(index)
+        epoch, mb = divmod(within, self.minibatches)
+        n_local = self.rollout.ids.shape[0]
+        order = torch.randperm(n_local, generator=torch.Generator().manual_seed(
+            self.cfg.train.seed * 1_000_003 + index * 101 + epoch))
+        local = [r - self.d.rank * self.per_rank for r in rows]
+        pick = order[[mb * self.per_rank + r for r in local]]
+        batch = {k: v[pick] for k, v in self.rollout.tensors().items()}
+        # Cut the padding every picked row has, so short replies train fast.
+        width = int(batch["mask"].sum(0).nonzero().max()) + 1 if batch["mask"].any() else 1
+        batch["ids"] = batch["ids"][:, :width + 1]
+        for k in ("mask", "old_logp", "ref_logp"):
+            batch[k] = batch[k][:, :width]
+        return batch
+
+    def _load_or_make(self, index: int) -> Rollout:
+        path = self.run_dir / ROLLOUT_DIR / f"rank{self.d.rank}.safetensors"
+        saved = Rollout.load(path, index)
+        if saved is not None:  # resumed in the middle of an iteration: the same samples
+            return saved
+        rollout = self.make_rollout(index)
+        rollout.save(path)
+        return rollout
+
+    # --- sampling and scoring ----------------------------------------------------------------
+
+    def _engine(self) -> Any:
+        if self.engine is None:
+            from kotonoha.engine import Engine
+
+            G = self.cfg.group_size
+            rows = min(self.cfg.rollout_batch_size, self.local_prompts * G)
+            self.engine = Engine(self.policy, self.tok, max_batch_size=max(1, rows))
+        return self.engine
+
+    def make_rollout(self, index: int) -> Rollout:
+        from kotonoha.sampling import SamplingParams
+
+        cfg, G = self.cfg, self.cfg.group_size
+        t0 = time.perf_counter()
+        prompts = self.prompts_for(index)
+        engine = self._engine()
+        prompt_ids = [p["ids"] for p in prompts]
+        base = (cfg.train.seed * 1_000_003 + index) * 100_000 + self.d.rank * self.local_prompts * G
+        # Temperature 1 and no truncation: the engine's logprobs are then pi_old exactly.
+        params = [SamplingParams(temperature=1.0, max_tokens=cfg.max_new_tokens, seed=base + i)
+                  for i in range(len(prompts) * G)]
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            comps = engine.generate([ids for ids in prompt_ids for _ in range(G)], params)
+        finally:
+            self.policy.train(was_training)
+        flat_prompts = [p for p in prompts for _ in range(G)]
+        texts = [c.text for c in comps]
+        raw = torch.tensor(self.reward_fn(flat_prompts, texts), dtype=torch.float32)
+        if raw.shape != (len(texts),):
+            raise RuntimeError(f"the reward function returned {raw.shape} for {len(texts)} replies")
+        length = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
+        shaped = raw - cfg.length_penalty * length
+        adv = group_advantages(shaped, G, cfg.normalize_std)
+
+        T = max(len(c.prompt_ids) + len(c.token_ids) for c in comps)
+        N = len(comps)
+        ids = torch.zeros(N, T, dtype=torch.long)
+        mask = torch.zeros(N, T - 1)
+        old = torch.zeros(N, T - 1)
+        for i, c in enumerate(comps):
+            seq = c.prompt_ids + c.token_ids
+            ids[i, :len(seq)] = torch.tensor(seq)
+            start, end = len(c.prompt_ids) - 1, len(seq) - 1  # targets seq[start+1 .. end]
+            mask[i, start:end] = 1.0
+            old[i, start:end] = torch.tensor(c.logprobs, dtype=torch.float32)
+        device = next(self.reference.parameters()).device
+        ref = sequence_logprobs(self.reference, ids.to(device)).cpu() * mask
+        kl = float(masked_mean(kl_k3(old, ref), mask))
+        rollout = Rollout(index, ids, mask, old, ref, adv, raw, length)
+        self._log_rollout(rollout, prompts, texts, kl, time.perf_counter() - t0)
+        return rollout
+
+    def _log_rollout(self, r: Rollout, prompts: list[Prompt], texts: list[str], kl: float,
+                     seconds: float) -> None:
+        stats = self.d.all_sum([float(r.reward.sum()), float((r.reward ** 2).sum()),
+                                float(r.length.sum()), kl, float(r.reward.numel())])
+        n = stats[4]
+        mean = stats[0] / n
+        rec = {"iteration": r.index, "step": r.index * self.steps_per_rollout,
+               "reward": mean, "reward_std": math.sqrt(max(0.0, stats[1] / n - mean ** 2)),
+               "length": stats[2] / n, "kl": stats[3] / self.d.world_size,
+               "rollout_s": seconds,
+               "samples": [{"messages": prompts[i // self.cfg.group_size]["messages"],
+                            "reply": texts[i], "reward": float(r.reward[i])}
+                           for i in range(0, len(texts), self.cfg.group_size)
+                           ][:self.cfg.samples_logged]}
+        if not self.d.is_main:
+            return
+        with open(self.run_dir / ROLLOUTS_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        if self.cfg.train.progress:
+            tqdm.write(f"rollout {r.index}: reward {mean:.3f} ± {rec['reward_std']:.3f}, "
+                       f"length {rec['length']:.1f}, kl {rec['kl']:.4f}, {seconds:.1f}s",
+                       file=sys.stderr)
+
+    def probe_reward(self) -> float:
+        """Mean reward of `group_size` sampled replies to each of the first `probe_prompts`
+        pool prompts (a fixed seeded pick), with fixed seeds: comparing two policies on the
+        same prompts and random numbers removes most of the noise of the rollouts' means."""
+        from kotonoha.sampling import SamplingParams
+
+        cfg, G = self.cfg, self.cfg.group_size
+        order = list(range(len(self.prompts)))
+        random.Random(f"rl-probe/{cfg.train.seed}").shuffle(order)
+        prompts = [self.prompts[i] for i in order[:cfg.probe_prompts] for _ in range(G)]
+        params = [SamplingParams(temperature=1.0, max_tokens=cfg.max_new_tokens,
+                                 seed=cfg.train.seed * 7919 + 10**12 + i)
+                  for i in range(len(prompts))]
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            comps = self._engine().generate([p["ids"] for p in prompts], params)
+        finally:
+            self.policy.train(was_training)
+        scores = self.reward_fn(prompts, [c.text for c in comps])
+        return sum(scores) / len(scores)
+
+    # --- the objective -----------------------------------------------------------------------
+
+    def loss_fn(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        ids, mask = batch["ids"], batch["mask"]
+        logits = model(ids[:, :-1]).float()
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+        pg, clipped = ppo_clip_loss(logp, batch["old_logp"], batch["adv"][:, None], cfg.clip_eps)
+        kl = kl_k3(logp, batch["ref_logp"])
+        loss = masked_mean(pg + cfg.kl_coef * kl, mask)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            metrics = {
+                "reward": float(batch["reward"].mean()),
+                "kl": float(masked_mean(kl, mask)),
+                "entropy": float(masked_mean(entropy, mask)),
+                "clip_frac": float(masked_mean(clipped, mask)),
+                "length": float(batch["length"].mean()),
+                "pg_loss": float(masked_mean(pg, mask)),
+            }
+        return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _load_policy(spec: str, what: str) -> tuple[nn.Module, Any]:
+    if not Path(spec).exists():
+        raise UserError(f"The {what} {spec} does not exist; train it first (kotonoha sft) or "
+                        "point rl.model at a model directory.")
+    model, tok = load_model(spec, dtype=torch.float32)
+    if tok is None:
+        raise UserError(f"{spec} has no tokenizer; RL needs the model's tokenizer.")
+    if tok.chat_template is None:
+        raise UserError(f"{spec} has no chat template; RL starts from a chat (SFT) model.")
+    return model, tok
+
+
+def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None) -> Path:
+    """Optimise `cfg.model` for the reward; returns the run directory.
+
+    `reward_fn` overrides `cfg.reward` with any Python function (for experiments and tests).
+    """
+    run_dir = Path(cfg.out)
+    check_run_dir(run_dir, resume)
+    d = init_distributed(cfg.train.device)
+    if d.world_size > 1 and cfg.train.parallel == "fsdp":
+        raise UserError("RL generates with whole-model rollouts on every rank; use "
+                        "train.parallel=ddp (or one process).")
+    policy, tok = _load_policy(cfg.model, "policy")
+    ref_spec = cfg.reference or cfg.model
+    reference, ref_tok = _load_policy(ref_spec, "reference")
+    if ref_tok.backend.get_vocab() != tok.backend.get_vocab():
+        raise UserError(f"The reference {ref_spec} uses a different tokenizer than {cfg.model}.")
+    reference = reference.to(d.device).eval().requires_grad_(False)
+    prompts = load_prompts(cfg)
+    reward = reward_fn or make_reward_fn(cfg, d.device)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        if not resume:
+            (run_dir / ROLLOUTS_LOG).unlink(missing_ok=True)
+
+    torch.manual_seed(cfg.train.seed)
+    run = RLRun(cfg, policy, reference, tok, prompts, reward, d, run_dir)
+    mcfg = policy.cfg
+
+    def export(state: dict[str, torch.Tensor], step: int) -> None:
+        save_model(run_dir, build_model(mcfg, state, source=run_dir), tok,
+                   extra={"step": step, "stage": "rl", "init": str(cfg.model),
+                          "reward": cfg.reward})
+
+    evaluate = (_make_evaluate(cfg, run, tok) if cfg.eval_items or cfg.probe_prompts
+                else None)
+    trainer = Trainer(policy, cfg.train, run_dir, get_batch=run.get_batch, loss_fn=run.loss_fn,
+                      evaluate=evaluate, export=export, dist_info=d)
+    if resume:
+        _trim_rollouts(run_dir, run.steps_per_rollout)
+    if d.is_main and cfg.train.progress:
+        iters = math.ceil(cfg.train.steps / run.steps_per_rollout)
+        print(f"rl: {iters} iterations x {cfg.prompts_per_rollout} prompts x "
+              f"{cfg.group_size} replies ({len(run.prompts)} prompts in the pool"
+              + (f", {run.dropped} too long skipped" if run.dropped else "") + "), "
+              f"{run.steps_per_rollout} optimizer step(s) each, reward={cfg.reward}, "
+              f"kl_coef={cfg.kl_coef} on {d.device}", file=sys.stderr)
+    before_path = run_dir / "eval_before.json"
+    if evaluate is not None and not before_path.is_file():  # the SFT policy, once
+        before = trainer.run_eval()
+        if d.is_main:
+            atomic_write_json(before_path, before)
+    trainer.fit(resume=resume)
+    if d.is_main:
+        before = json.loads(before_path.read_text()) if before_path.is_file() else {}
+        write_summary(run_dir, cfg, before, "custom" if reward_fn else cfg.reward)
+        if cfg.train.plot:
+            plot_rl(run_dir / ROLLOUTS_LOG, run_dir / "metrics.jsonl", run_dir / "rl.png")
+    return run_dir
+
+
+def _trim_rollouts(run_dir: Path, steps_per_rollout: int) -> None:
+    """Drop rollouts.jsonl lines of iterations the checkpoint did not reach (they are redone)."""
+    path = run_dir / ROLLOUTS_LOG
+    latest = run_dir / "train_state" / "latest.json"
+    if not path.exists():
+        return
+    step = json.loads(latest.read_text(encoding="utf-8"))["step"] if latest.exists() else 0
+    keep_below = math.ceil(step / steps_per_rollout)  # iterations started before `step`
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+             if ln.strip() and json.loads(ln).get("iteration", 0) < keep_below]
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _make_evaluate(cfg: RLConfig, run: RLRun, tok: Any,
+                   ) -> Callable[[nn.Module], dict[str, float]]:
+    """`probe_reward` on training prompts, and greedy replies to held-out eval items: the
+    checker's accuracy per task (what RL really changed) and their mean reward."""
+    from kotonoha.eval.chat import evaluate_chat, load_chat_items
+
+    items = (load_chat_items(cfg.world, tasks=cfg.eval_tasks, split=cfg.eval_split,
+                             max_items=cfg.eval_items) if cfg.eval_items else [])
+    by_id = {item["id"]: item for item in items}
+    # A verifiable reward needs an answer to check against; a reward model scores anything.
+    verifiable = cfg.reward in REWARDS
+
+    def evaluate(_: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if cfg.probe_prompts:
+            out["probe_reward"] = run.probe_reward()
+        if not items:
+            return out
+        result = evaluate_chat(run.policy, tok, items=items)
+        out.update({f"eval_{task}": rate for task, rate in result["rates"].items()})
+        out["eval_accuracy"] = result["accuracy"]
+        out["eval_length"] = result["length"]
+        rows = [r for r in result["items"]
+                if not verifiable or by_id[r["id"]].get("answer") is not None]
+        if rows:
+            scores = run.reward_fn([by_id[r["id"]] for r in rows],
+                                   [r["response"] for r in rows])
+            out["eval_reward"] = sum(scores) / len(scores)
+        return out
+
+    return evaluate
+
+
+def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def write_summary(run_dir: Path, cfg: RLConfig, before: dict[str, float],
+                  reward_name: str) -> dict[str, Any]:
+    """summary.json: held-out evaluation before and after, the reward of the first and last
+    iterations' samples, and the final KL against its budget."""
+    from kotonoha.train.loop import read_metrics
+
+    last: dict[str, Any] = {}  # the latest value of every logged number (also after a resume)
+    if (run_dir / "metrics.jsonl").is_file():
+        for rec in read_metrics(run_dir / "metrics.jsonl"):
+            last.update(rec)
+    rolls = read_rollouts(run_dir / ROLLOUTS_LOG)
+    k = max(1, len(rolls) // 4)  # average a few iterations: single ones are noisy
+
+    def avg(rs: list[dict[str, Any]], key: str) -> float | None:
+        return sum(r[key] for r in rs) / len(rs) if rs else None
+
+    kl_final = float(last["kl"]) if "kl" in last else avg(rolls[-1:], "kl")
+    summary = {
+        "iterations": len(rolls),
+        "reward": reward_name,
+        "reward_first": avg(rolls[:k], "reward"), "reward_last": avg(rolls[-k:], "reward"),
+        "length_first": avg(rolls[:k], "length"), "length_last": avg(rolls[-k:], "length"),
+        "kl_final": kl_final, "kl_budget": cfg.kl_budget,
+        "kl_within_budget": kl_final is not None and kl_final <= cfg.kl_budget,
+        "probe_reward_before": before.get("probe_reward"),
+        "probe_reward_after": last.get("probe_reward"),
+        "eval_before": before,
+        "eval_after": {k: v for k, v in last.items()
+                       if k.startswith("eval_") or k == "probe_reward"},
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def plot_rl(rollouts_path: Path, metrics_path: Path, png_path: Path) -> None:
+    """Reward, length and KL per iteration: reward rising with length flat is the good case."""
+    from matplotlib.figure import Figure
+
+    rolls = read_rollouts(rollouts_path)
+    if not rolls:
+        return
+    it = [r["iteration"] for r in rolls]
+    fig = Figure(figsize=(10, 3.2), dpi=100)
+    axes = fig.subplots(1, 3)
+    axes[0].plot(it, [r["reward"] for r in rolls], "o-", markersize=3)
+    axes[0].set_title("mean reward")
+    axes[1].plot(it, [r["length"] for r in rolls], "o-", markersize=3, color="tab:orange")
+    axes[1].set_title("reply length (tokens)")
+    axes[2].plot(it, [r["kl"] for r in rolls], "o-", markersize=3, color="tab:red")
+    axes[2].set_title("KL to reference (per token)")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(png_path, buf.getvalue())
+
+
+def rl_main(config_path: str | None, overrides: list[str], resume: bool) -> Path:
+    """Entry point for `kotonoha rl --config X.yaml [key=value ...] [--resume]`."""
+    cfg = load_config(RLConfig, config_path, overrides, base={"train": RL_TRAIN_DEFAULTS})
+    try:
+        return run_rl(cfg, resume=resume)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kotonoha.train.rl` (what torchrun launches)."""
+    p = argparse.ArgumentParser(prog="python -m kotonoha.train.rl")
+    p.add_argument("--config")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. kl_coef=0.1")
+    args = p.parse_args(argv)
+    try:
+        rl_main(args.config, args.overrides, args.resume)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

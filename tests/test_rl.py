@@ -1,0 +1,197 @@
+"""RL: the maths against hand computations, rollouts against the policy's own log-probs, a
+tiny run that must raise a toy reward, and resume in the middle of an iteration."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kotonoha.checkpoint import load_model, save_model
+from kotonoha.config import load_config
+from kotonoha.errors import UserError
+from kotonoha.model import Transformer, preset
+from kotonoha.tokenizer import sample_text_paths, train_bpe
+from kotonoha.train.loop import Dist
+from kotonoha.train.rl import (
+    RL_TRAIN_DEFAULTS,
+    RLConfig,
+    RLRun,
+    arithmetic_reward,
+    group_advantages,
+    kl_k3,
+    load_prompts,
+    masked_mean,
+    ppo_clip_loss,
+    run_rl,
+    sequence_logprobs,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, two thrash on 2 cores
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the maths ----------------------------------------------------------------------------------
+
+
+def test_group_advantages() -> None:
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 3.0, 0.0, 1.0])
+    adv = group_advantages(r, 4)
+    # group 1: mean 0.5, std 0.5 -> +-1; group 2: all equal -> 0, not NaN
+    assert torch.allclose(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
+    assert torch.equal(adv[4:8], torch.zeros(4))
+    g3 = torch.tensor([0.0, 3.0, 0.0, 1.0])
+    assert torch.allclose(adv[8:], (g3 - 1.0) / (g3.std(unbiased=False) + 1e-6))
+    for k in range(3):  # each group is centred
+        assert abs(float(adv[4 * k:4 * k + 4].sum())) < 1e-5
+    assert torch.allclose(group_advantages(r, 4, normalize_std=False)[:4],
+                          torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    with pytest.raises(ValueError):
+        group_advantages(r, 5)
+
+
+def test_ppo_clip_against_hand_computation() -> None:
+    eps = 0.2
+    ratio = torch.tensor([1.5, 0.5, 0.5, 1.5, 1.1, 0.9])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0, -2.0])
+    old = torch.zeros(6)
+    logp = torch.log(ratio).requires_grad_(True)
+    loss, clipped = ppo_clip_loss(logp, old, adv, eps)
+    # -min(r A, clip(r) A): (1.5, +1) -> -1.2 clipped; (0.5, +1) -> -0.5 not; (0.5, -1) -> 0.8
+    # clipped; (1.5, -1) -> 1.5 not; inside the range: -r A
+    expected = torch.tensor([-1.2, -0.5, 0.8, 1.5, -2.2, 1.8])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert clipped.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    loss.sum().backward()
+    # d/dlogp (-r A) = -r A where unclipped; exactly 0 where the clip is active
+    grad = torch.where(clipped.bool(), torch.zeros(6), -ratio * adv)
+    assert torch.allclose(logp.grad, grad, atol=1e-6)
+
+
+def test_kl_k3_sign_zero_and_unbiased() -> None:
+    x = torch.randn(100)
+    assert torch.allclose(kl_k3(x, x), torch.zeros(100))
+    assert (kl_k3(x, x + torch.randn(100)) >= 0).all()
+    # On tokens sampled from p, the mean of k3 estimates KL(p || q).
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(10, generator=g), 0)
+    q = torch.softmax(torch.randn(10, generator=g), 0)
+    tokens = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    estimate = kl_k3(p.log()[tokens], q.log()[tokens]).mean()
+    exact = (p * (p.log() - q.log())).sum()
+    assert float(estimate) == pytest.approx(float(exact), rel=0.03)
+
+
+def test_masked_mean_ignores_padding_and_empty() -> None:
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert float(masked_mean(x, mask)) == pytest.approx(2.0)
+    assert float(masked_mean(x, torch.zeros_like(mask))) == 0.0
+
+
+def test_arithmetic_reward() -> None:
+    prompts = [{"answer": 85}, {"answer": "12"}]
+    replies = ["7 + 8 = 15, write 5 carry 1. So the answer is 85.", "The answer is 13."]
+    assert arithmetic_reward(prompts, replies) == [1.0, 0.0]
+    with pytest.raises(UserError):
+        arithmetic_reward([{"messages": []}], ["3"])
+
+
+# --- a tiny policy ------------------------------------------------------------------------------
+
+
+def reward_space(prompts: list[dict], replies: list[str]) -> list[float]:
+    """The toy verifiable reward: 1 when the reply contains a space (~20% at the start)."""
+    return [float(" " in r) for r in replies]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rl")
+    tok = train_bpe([p.read_text(encoding="utf-8") for p in sample_text_paths()], vocab_size=300)
+    torch.manual_seed(0)
+    save_model(root / "policy", Transformer(preset("tiny", vocab_size=tok.vocab_size,
+                                                   context_length=64)), tok)
+    prompts = [{"messages": [{"role": "user", "content": f"Say something, number {i}."}]}
+               for i in range(16)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return root
+
+
+def config(root: Path, out: str, *extra: str) -> RLConfig:
+    return load_config(RLConfig, None, [
+        f"model={root / 'policy'}", f"out={root / out}", f"prompts={root / 'prompts.jsonl'}",
+        "group_size=4", "prompts_per_rollout=4", "max_new_tokens=6", "eval_items=0",
+        "train.batch_size=16", "train.device=cpu", "train.progress=false", "train.plot=false",
+        *extra], base={"train": RL_TRAIN_DEFAULTS})
+
+
+def test_rollout_logprobs_are_the_policys(setup: Path) -> None:
+    cfg = config(setup, "unused")
+    policy, tok = load_model(setup / "policy", dtype=torch.float32)
+    ref, _ = load_model(setup / "policy", dtype=torch.float32)
+    run = RLRun(cfg, policy, ref, tok, load_prompts(cfg), reward_space, Dist(), setup)
+    r = run.make_rollout(0)
+    assert r.ids.shape[0] == 16 and r.mask.sum(1).tolist() == r.length.tolist()
+    # The engine's (KV-cached, one token at a time) log-probs are the full forward's.
+    full = sequence_logprobs(policy, r.ids)
+    assert torch.allclose(r.old_logp * r.mask, full * r.mask, atol=1e-4)
+    assert torch.allclose(r.ref_logp, full * r.mask, atol=1e-4)  # reference = policy here
+    assert r.adv.view(4, 4).sum(1).abs().max() < 1e-4  # group-relative
+
+
+def test_tiny_rl_run_raises_the_reward(setup: Path) -> None:
+    run_dir = run_rl(config(setup, "rl", "train.steps=16", "train.lr=1e-2", "probe_prompts=16",
+                            "ppo_epochs=2"), reward_fn=reward_space)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["probe_reward_before"] < 0.4
+    assert summary["probe_reward_after"] > summary["probe_reward_before"] + 0.3
+    assert summary["reward_last"] > summary["reward_first"]
+    assert summary["iterations"] == 8  # 16 steps / (2 epochs x 1 minibatch)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference
+    assert train[0]["clip_frac"] == 0.0  # ratio 1 on the iteration's first step
+    assert all(math.isfinite(r["entropy"]) and r["length"] > 0 for r in train)
+    assert any(r["clip_frac"] > 0 for r in train[1::2])  # second epochs are off-policy
+    assert max(r["kl"] for r in train) > 0
+    assert (run_dir / "model.safetensors").is_file()
+    rollouts = (run_dir / "rollouts.jsonl").read_text().splitlines()
+    assert len(rollouts) == 8 and json.loads(rollouts[0])["samples"]
+
+
+def test_resume_mid_iteration_matches_uninterrupted(setup: Path) -> None:
+    common = ("train.lr=1e-2", "ppo_epochs=2", "probe_prompts=0", "train.checkpoint_interval=1")
+    straight = run_rl(config(setup, "straight", "train.steps=3", *common), reward_fn=reward_space)
+    config_1 = config(setup, "resumed", "train.steps=1", *common)
+    run_rl(config_1, reward_fn=reward_space)  # "crashes" after step 1, inside iteration 0
+    resumed = run_rl(config(setup, "resumed", "train.steps=3", *common), resume=True,
+                     reward_fn=reward_space)
+    a, _ = load_model(straight)
+    b, _ = load_model(resumed)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert len((resumed / "rollouts.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(UserError, match="resume"):
+        run_rl(config_1, reward_fn=reward_space)  # a fresh run over an existing one
+
+
+def test_bad_settings(setup: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="group_size"):
+        config(setup, "x", "group_size=1")
+    with pytest.raises(UserError, match="batch_size"):
+        run_rl(config(setup, "x", "train.batch_size=5"), reward_fn=reward_space)
+    with pytest.raises(UserError, match="Unknown reward"):
+        run_rl(config(setup, "y", "reward=nonsense"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
+    with pytest.raises(UserError, match="messages"):
+        load_prompts(config(setup, "z", f"prompts={tmp_path / 'bad.jsonl'}"))
