@@ -29,14 +29,13 @@ from kotonoha.config import load_config
 from kotonoha.data.chat import PairData, load_preferences, split_pairs
 from kotonoha.errors import UserError
 from kotonoha.model import flops_per_token
-from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed
+from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed, module_main
 from kotonoha.train.lora import LoRAConfig, adapters_disabled, apply_lora, parse_lora
 from kotonoha.train.sft import (
     announce,
     context_for,
     load_chat_model,
     make_export,
-    module_main,
     stage_main,
     steps_for,
     write_config,

@@ -28,6 +28,7 @@ any moment leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -637,3 +638,30 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(png_path, buf.getvalue())
+
+
+# ---- entry points shared by every stage ----------------------------------------------
+
+
+def stage_main(run: Callable[[Any, bool], Path], cfg: Any, resume: bool) -> Path:
+    try:
+        return run(cfg, resume)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def module_main(entry: Callable[[str | None, list[str], bool], Path], prog: str,
+                argv: list[str] | None = None) -> int:
+    """`python -m kotonoha.train.<stage>` (what torchrun launches)."""
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--config")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.lr=1e-4")
+    args = p.parse_args(argv)
+    try:
+        entry(args.config, args.overrides, args.resume)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

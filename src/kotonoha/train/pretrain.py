@@ -12,7 +12,6 @@ reproduces the run even if presets change later.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Callable
@@ -30,7 +29,15 @@ from kotonoha.data.shards import TOKENIZER_SUBDIR, ShardDataset, read_meta, toke
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, flops_per_token, preset
 from kotonoha.tokenizer import Tokenizer
-from kotonoha.train.loop import Dist, TrainConfig, Trainer, check_run_dir, init_distributed
+from kotonoha.train.loop import (
+    Dist,
+    TrainConfig,
+    Trainer,
+    check_run_dir,
+    init_distributed,
+    module_main,
+    stage_main,
+)
 
 
 @dataclass
@@ -183,27 +190,8 @@ def write_samples(run_dir: Path, cfg: PretrainConfig) -> Path:
 def pretrain_main(config_path: str | None, overrides: list[str], resume: bool) -> Path:
     """Entry point for `kotonoha pretrain --config X.yaml [key=value ...] [--resume]`."""
     cfg = load_config(PretrainConfig, config_path, overrides)
-    try:
-        return run_pretrain(cfg, resume=resume)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kotonoha.train.pretrain` (what torchrun launches)."""
-    p = argparse.ArgumentParser(prog="python -m kotonoha.train.pretrain")
-    p.add_argument("--config")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.lr=1e-3")
-    args = p.parse_args(argv)
-    try:
-        pretrain_main(args.config, args.overrides, args.resume)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(run_pretrain, cfg, resume)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(pretrain_main, "python -m kotonoha.train.pretrain"))

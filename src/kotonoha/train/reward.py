@@ -49,12 +49,11 @@ from kotonoha.data.chat import (
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, flops_per_token
 from kotonoha.tokenizer import Tokenizer
-from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed
+from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed, module_main
 from kotonoha.train.sft import (
     announce,
     context_for,
     load_chat_model,
-    module_main,
     stage_main,
     steps_for,
     write_config,

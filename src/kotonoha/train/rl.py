@@ -39,7 +39,6 @@ Run directory: what the core writes (metrics.jsonl, train_state/, model files, l
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -68,7 +67,15 @@ from kotonoha.checkpoint import (
 from kotonoha.config import dump_yaml, load_config
 from kotonoha.data import checker
 from kotonoha.errors import UserError
-from kotonoha.train.loop import Dist, TrainConfig, Trainer, check_run_dir, init_distributed
+from kotonoha.train.loop import (
+    Dist,
+    TrainConfig,
+    Trainer,
+    check_run_dir,
+    init_distributed,
+    module_main,
+    stage_main,
+)
 
 Prompt = dict[str, Any]  # {"messages": [...], optional "answer", "kind", "lang"}
 # (prompts, reply texts) -> one reward per reply. Named ones live in REWARDS.
@@ -719,27 +726,8 @@ def plot_rl(rollouts_path: Path, metrics_path: Path, png_path: Path) -> None:
 def rl_main(config_path: str | None, overrides: list[str], resume: bool) -> Path:
     """Entry point for `kotonoha rl --config X.yaml [key=value ...] [--resume]`."""
     cfg = load_config(RLConfig, config_path, overrides, base={"train": RL_TRAIN_DEFAULTS})
-    try:
-        return run_rl(cfg, resume=resume)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kotonoha.train.rl` (what torchrun launches)."""
-    p = argparse.ArgumentParser(prog="python -m kotonoha.train.rl")
-    p.add_argument("--config")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. kl_coef=0.1")
-    args = p.parse_args(argv)
-    try:
-        rl_main(args.config, args.overrides, args.resume)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(run_rl, cfg, resume)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main(rl_main, "python -m kotonoha.train.rl"))

@@ -13,7 +13,6 @@ directory then also holds `adapter.safetensors` + `adapter.json`, and the merged
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Callable
@@ -37,7 +36,15 @@ from kotonoha.errors import UserError
 from kotonoha.model import Transformer, flops_per_token
 from kotonoha.models import resolve
 from kotonoha.tokenizer import Tokenizer
-from kotonoha.train.loop import Dist, TrainConfig, Trainer, check_run_dir, init_distributed
+from kotonoha.train.loop import (
+    Dist,
+    TrainConfig,
+    Trainer,
+    check_run_dir,
+    init_distributed,
+    module_main,
+    stage_main,
+)
 from kotonoha.train.lora import LoRAConfig, apply_lora, merge_state_dict, parse_lora, save_adapter
 
 
@@ -200,30 +207,6 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
 def sft_main(config_path: str | None, overrides: list[str], resume: bool) -> Path:
     """Entry point for `kotonoha sft --config X.yaml [key=value ...] [--resume]`."""
     return stage_main(run_sft, load_config(SFTConfig, config_path, overrides), resume)
-
-
-def stage_main(run: Callable[[Any, bool], Path], cfg: Any, resume: bool) -> Path:
-    try:
-        return run(cfg, resume)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def module_main(entry: Callable[[str | None, list[str], bool], Path], prog: str,
-                argv: list[str] | None = None) -> int:
-    """`python -m kotonoha.train.<stage>` (what torchrun launches)."""
-    p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--config")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.lr=1e-4")
-    args = p.parse_args(argv)
-    try:
-        entry(args.config, args.overrides, args.resume)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":
