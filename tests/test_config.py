@@ -53,3 +53,23 @@ def test_bad_configs(tmp_path, text, overrides, match):
 def test_missing_file():
     with pytest.raises(UserError, match="does not exist"):
         load_config(Cfg, "/nonexistent/config.yaml")
+
+
+@dataclass
+class Stage:
+    optim: Optim = field(default_factory=lambda: Optim(lr=5e-5, betas=[0.5, 0.6]))
+
+
+def test_partial_nested_section_keeps_the_fields_own_defaults():
+    # Setting one key of a nested section must not reset the others to the nested class's
+    # generic defaults (a stage's own learning rate, for instance).
+    cfg = load_config(Stage, None, ["optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == [0.5, 0.6]
+    assert load_config(Stage).optim == Optim(lr=5e-5, betas=[0.5, 0.6])
+
+
+def test_rl_train_section_keeps_rl_defaults():
+    from kotonoha.train.rl import RL_TRAIN_DEFAULTS, RLConfig
+
+    cfg = load_config(RLConfig, None, ["train.steps=3"])
+    assert cfg.train.steps == 3 and cfg.train.lr == RL_TRAIN_DEFAULTS["lr"]

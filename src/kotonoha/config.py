@@ -117,8 +117,26 @@ def build(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             f"Unknown setting(s) in {where}: {', '.join(unknown)}; "
             f"known: {', '.join(sorted(names))}."
         )
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in
+              _over_field_defaults(cls, data).items()}
     return cls(**kwargs)
+
+
+def _over_field_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A partial mapping for a nested dataclass field goes on top of that field's own default.
+
+    `RLConfig.train` defaults to RL's learning rate and batch size; `rl: {train: {steps: 8}}`
+    must change the steps only, not fall back to `TrainConfig()`'s generic values.
+    """
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        value = out.get(f.name)
+        if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+            continue
+        default = f.default_factory()
+        if dataclasses.is_dataclass(default):
+            out[f.name] = merge(dataclasses.asdict(default), value)
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None = None,

@@ -1,7 +1,8 @@
-"""`make demo`: the main job on the built-in default, as far as the project goes today.
+"""`make demo`: the whole recipe on the built-in world, then how to talk to the result.
 
-Tokenizer on the bundled bilingual sample texts, model-info, then generation through the
-engine from the `demo` preset (random weights: pretraining comes next).
+It is `kotonoha pipeline --config configs/pipeline-demo.yaml` (world -> tokenizer -> data ->
+pretrain -> SFT -> reward -> RL, DPO as a branch, eval, report card) plus a closing note with
+the commands that chat with and serve the models it made. Re-running skips finished stages.
 """
 
 from __future__ import annotations
@@ -9,52 +10,31 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
+from kotonoha.errors import UserError
+from kotonoha.pipeline import pipeline_main
 
-from kotonoha.checkpoint import save_model
-from kotonoha.engine import Engine
-from kotonoha.info import describe
-from kotonoha.model import Transformer, preset
-from kotonoha.sampling import SamplingParams
-from kotonoha.tokenizer import Tokenizer, sample_text_paths, train_bpe_from_files
+DEMO_CONFIG = Path("configs/pipeline-demo.yaml")
 
 
-def banner(text: str) -> None:
-    print(f"\n== {text} " + "=" * max(0, 70 - len(text)))
-
-
-def main(out: str = "runs/demo") -> int:
-    out_dir = Path(out)
-    tok_dir = out_dir / "tokenizer"
-    banner("1. tokenizer: byte-level BPE on the bundled English + Japanese samples")
-    if (tok_dir / "tokenizer.json").is_file():
-        tok = Tokenizer.load(tok_dir)
-        print(f"reusing {tok_dir}")
-    else:
-        tok = train_bpe_from_files(sample_text_paths(), 2048)
-        tok.save(tok_dir)
-    for text in ("The river runs past the old bank.", "川のはしを渡って、箸でご飯を食べた。"):
-        pieces = [tok.decode([i]) for i in tok.encode(text)]
-        n_bytes = len(text.encode("utf-8"))
-        print(f"{text!r}: {len(pieces)} tokens, {n_bytes / len(pieces):.2f} bytes/token")
-        print("   " + " | ".join(pieces))
-
-    banner("2. model-info")
-    cfg = preset("demo", vocab_size=tok.vocab_size)
-    print(describe(cfg))
-    print()
-    print(describe(preset("gpt3")))
-
-    banner("3. generation through the engine (random weights, so the text is noise)")
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    save_model(out_dir / "random-init", model, tok)
-    engine = Engine(model, tok, max_batch_size=2)
-    prompts = ["Once upon a time", "昔々"]
-    params = SamplingParams(temperature=0.8, top_k=50, seed=1, max_tokens=24)
-    for prompt, c in zip(prompts, engine.generate([tok.encode(p) for p in prompts], params)):
-        print(f"{prompt!r} -> {c.text!r} ({c.completion_tokens} tokens, {c.finish_reason})")
-    print(f"\nwritten under {out_dir}/")
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)  # key=value, as for `pipeline`
+    if not DEMO_CONFIG.is_file():
+        print(f"error: {DEMO_CONFIG} not found; run `make demo` from the repository root.",
+              file=sys.stderr)
+        return 2
+    try:
+        results = pipeline_main(str(DEMO_CONFIG), overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(results["report"]["summary"]["md"]).parent if "report" in results else None
+    out = out or Path("runs/demo")
+    print(f"""
+The report card is {out / 'report.md'} (and report.html, with plots). Next:
+  .venv/bin/kotonoha chat --model {out / 'rl'}          # talk to the RL model (or sft, dpo)
+  .venv/bin/kotonoha serve --model {out / 'rl'}         # OpenAI-compatible API + web UI
+  .venv/bin/kotonoha eval --model {out / 'pretrain'} --suite world   # the base model's cloze
+""")
     return 0
 
 

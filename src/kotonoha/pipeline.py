@@ -342,10 +342,7 @@ def pipeline_main(config_path: str | None, overrides: list[str], resume: bool = 
 def load_pipeline_config(config_path: str | Path | None, overrides: list[str],
                          ) -> PipelineConfig:
     """The YAML and overrides over the stages' own defaults (RL's train defaults too)."""
-    from kotonoha.train.rl import RL_TRAIN_DEFAULTS
-
-    return load_config(PipelineConfig, config_path, overrides,
-                       base={"rl": {"train": RL_TRAIN_DEFAULTS}})
+    return load_config(PipelineConfig, config_path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
