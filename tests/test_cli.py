@@ -65,6 +65,12 @@ def test_tokenizer_train(tmp_path, capsys):
     code, out, _ = run(["tokenizer", "train", "--data", *map(str, sample_text_paths()),
                         "--vocab-size", "500", "--out", str(tmp_path / "tok")], capsys)
     assert code == 0 and (tmp_path / "tok" / "tokenizer.json").is_file()
+    # `--source`, as `data prepare` spells it, is the same option.
+    code, _, _ = run(["tokenizer", "train", "--source", *map(str, sample_text_paths()),
+                      "--vocab-size", "500", "--out", str(tmp_path / "tok2")], capsys)
+    assert code == 0
+    assert ((tmp_path / "tok2" / "tokenizer.json").read_text()
+            == (tmp_path / "tok" / "tokenizer.json").read_text())
 
 
 def test_convert_round_trip(model_dir, tmp_path, capsys):

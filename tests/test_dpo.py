@@ -85,3 +85,19 @@ def test_dpo_with_lora_writes_an_adapter(tmp_path: Path) -> None:
 def test_beta_must_be_positive() -> None:
     with pytest.raises(UserError, match="beta"):
         DPOConfig(beta=0)
+
+
+def test_sft_weight_adds_the_chosen_replies_nll(tmp_path: Path) -> None:
+    model, tok = load_model(sft_model(), dtype=torch.float32)
+    pairs = load_preferences(str(write_jsonl(tmp_path / "p.jsonl", preference_rows())))
+    batch = PairData(tok, pairs, 64).batch(0, 8, range(8))
+    reference = make_reference(model, None)
+    plain, metrics = dpo_loss(reference, beta=0.1)(model, batch)
+    mixed, _ = dpo_loss(reference, beta=0.1, sft_weight=0.5)(model, batch)
+    logps = sequence_logps(model, batch)
+    n = len(logps) // 2
+    nll = -(logps[:n] / batch["mask"][:n].sum(-1)).mean()
+    assert torch.allclose(mixed, plain + 0.5 * nll, atol=1e-5)
+    assert abs(metrics["nll_chosen"] - nll.item()) < 1e-4
+    with pytest.raises(UserError, match="sft_weight"):
+        DPOConfig(sft_weight=-1)

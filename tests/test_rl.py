@@ -22,9 +22,11 @@ from kotonoha.train.rl import (
     RLConfig,
     RLRun,
     arithmetic_reward,
+    checker_reward,
     group_advantages,
     kl_k3,
     load_prompts,
+    make_reward_fn,
     masked_mean,
     ppo_clip_loss,
     run_rl,
@@ -104,6 +106,26 @@ def test_arithmetic_reward() -> None:
     assert arithmetic_reward(prompts, replies) == [1.0, 0.0]
     with pytest.raises(UserError):
         arithmetic_reward([{"messages": []}], ["3"])
+
+
+def test_checker_reward_and_world_prompts(tmp_path: Path) -> None:
+    from kotonoha.data.world import write_world
+
+    write_world(tmp_path / "world", seed=0, scale=0.05, show_progress=False)
+    every = load_prompts(RLConfig(world=str(tmp_path / "world")))
+    checked = load_prompts(RLConfig(world=str(tmp_path / "world"), reward="checker"))
+    assert 0 < len(checked) < len(every)  # corrections have nothing single to check
+    assert all("check" in p for p in checked)
+    qa = next(p for p in checked if p["check"]["task"] == "qa")
+    refusal = next(p for p in checked if p["check"]["task"] == "refusal")
+    answer = qa["check"]["answer"]
+    assert checker_reward([qa, qa], [f"It is {answer}.", "I do not know."]) == [1.0, 0.0]
+    assert checker_reward([refusal], ["I'm sorry, but I can't help with that."]) == [1.0]
+    # An eval item carries the checker's fields itself.
+    item = {"task": "qa", "answer": "Honlo", "messages": []}
+    assert checker_reward([item], ["The capital is Honlo."]) == [1.0]
+    with pytest.raises(UserError, match="model\\+checker"):
+        make_reward_fn(RLConfig(reward="nonsense"), torch.device("cpu"))
 
 
 # --- a tiny policy ------------------------------------------------------------------------------

@@ -177,3 +177,28 @@ def test_bad_conversation_files_name_the_file_and_line(tmp_path: Path) -> None:
 def test_config_accepts_a_lora_string() -> None:
     cfg = SFTConfig(lora="r=4,alpha=8")
     assert cfg.lora is not None and not isinstance(cfg.lora, str) and cfg.lora.scale == 2.0
+
+
+def test_replay_documents_train_every_token_framed_like_the_shards(tmp_path: Path) -> None:
+    tok = tokenizer()
+    convs = [c["messages"] for c in conversations()][:4]
+    docs = ["The river runs past the old bank.", "The capital is far away."]
+    data = SFTData(tok, convs, 128, replay=docs)
+    assert len(data) == len(convs) + len(docs)
+    for text, (ids, mask) in zip(docs, data.examples[len(convs):]):
+        assert ids == [tok.eos_id, *tok.encode(text), tok.eos_id]
+        assert all(mask)
+
+
+def test_replay_fraction_samples_documents_and_needs_a_source(tmp_path: Path) -> None:
+    from kotonoha.train.sft import replay_documents
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i}."} for i in range(10)])
+    cfg = SFTConfig(replay_data=str(docs), replay_fraction=0.5)
+    picked = replay_documents(cfg, n_conversations=8)
+    assert len(picked) == 4 and len(set(picked)) == 4
+    assert picked == replay_documents(cfg, n_conversations=8)  # seeded
+    with pytest.raises(UserError, match="replay_data"):
+        replay_documents(SFTConfig(replay_fraction=0.5), n_conversations=8)
+    with pytest.raises(UserError, match="replay_fraction"):
+        SFTConfig(replay_fraction=-1)

@@ -441,3 +441,26 @@ def test_refusal_detection(data: dict[str, list[dict[str, Any]]]) -> None:
         for m in conv["messages"]:
             if m["role"] == "assistant":
                 assert is_refusal(m["content"]) == (conv["kind"] == "refusal"), conv
+
+
+def test_sft_checks_accept_their_own_replies_and_reject_others(
+    data: dict[str, list[dict[str, Any]]],
+) -> None:
+    # Every checkable SFT row carries the checker's fields for its last user turn (what the
+    # RL `checker` reward scores); its own reply passes, another row's reply of the task fails.
+    rows = [r for r in data["sft"] if "check" in r]
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"fact", "followup", "two_hop", "false_premise", "refusal", "benign",
+                     "arithmetic"}
+    assert all("check" not in r for r in data["sft"] if r["kind"].startswith("correction"))
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        assert check(r["check"], r["messages"][-1]["content"]), r
+        by_task.setdefault(r["check"]["task"], []).append(r)
+    for task, group in by_task.items():
+        if task == "refusal":
+            continue
+        first = group[0]
+        other = next(r for r in group if r["check"]["answer"] != first["check"]["answer"]
+                     and first["check"]["answer"] not in r["messages"][-1]["content"])
+        assert not check(first["check"], other["messages"][-1]["content"]), task

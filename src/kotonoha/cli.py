@@ -274,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train on text files, folders or JSONL")
-    t.add_argument("--data", nargs="+", required=True,
-                   help=".txt files/folders, .jsonl, .parquet, a saved HF dataset, or shakespeare")
+    t.add_argument("--data", "--source", dest="data", nargs="+", required=True,
+                   help=".txt files/folders, .jsonl, .parquet, a saved HF dataset, or shakespeare"
+                        " (--source, as `data prepare` spells it, works too)")
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)

@@ -13,7 +13,8 @@ still skipped, with a warning: delete its directory to redo it (and the stages a
 The config has a section per stage, and each section *is* that stage's own config dataclass
 (`pretrain:` is a `PretrainConfig`, `rl:` an `RLConfig`, ...), so anything `kotonoha sft`
 accepts goes in `sft:`. The paths that connect stages (`data`, `out`, `init_from`, `model`,
-`world`, `reward_model`) are set by the pipeline from `out`; values given for them are ignored.
+`world`, `reward_model`, SFT's `replay_data`) are set by the pipeline from `out`; values given
+for them are ignored.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
     pretrain = replace(cfg.pretrain, data=str(p("data")), out=str(p("pretrain")),
                        tokenizer=None, init_from=None, train=train(cfg.pretrain))
     sft = replace(cfg.sft, data=str(world / "sft.jsonl"), val_data=None,
+                  replay_data=str(world / "pretrain.jsonl"),
                   init_from=str(p("pretrain")), out=str(p("sft")), train=train(cfg.sft))
     reward = replace(cfg.reward, data=str(world / "preferences.jsonl"), val_data=None,
                      init_from=str(p("sft")), out=str(p("reward")), train=train(cfg.reward))

@@ -254,12 +254,21 @@ class SFTData:
     """Encoded conversations, truncated to the context, optionally packed, as (x, y, mask)."""
 
     def __init__(self, tok: Tokenizer, convs: list[list[dict[str, Any]]], context: int, *,
-                 pack: bool = False, seed: int = 0) -> None:
+                 pack: bool = False, seed: int = 0, replay: Sequence[str] = ()) -> None:
+        """`replay`: plain documents mixed in with loss on every token, framed by the
+        end-of-text token as in the pretraining shards (keeps pretraining knowledge alive)."""
         self.seed = seed
         self.pad_id = pad_id(tok)
+        encoded = [encode_conversation(tok, msgs) for msgs in convs]
+        if replay:
+            if tok.eos_id is None:
+                raise UserError("Replay needs the tokenizer's end-of-text token, which it has "
+                                "not got.")
+            for ids in tok.encode_batch(list(replay)):
+                ids = [tok.eos_id, *ids, tok.eos_id]
+                encoded.append((ids, [1] * len(ids)))
         examples, self.truncated = [], 0
-        for msgs in convs:
-            ids, mask = encode_conversation(tok, msgs)
+        for ids, mask in encoded:
             if len(ids) > context + 1:  # x and y are windows of `context` tokens
                 self.truncated += 1
                 ids, mask = ids[:context + 1], mask[:context + 1]
@@ -270,7 +279,7 @@ class SFTData:
         # Tokens with loss per example; a whole step's count normalises the loss (see batch).
         self.n_targets = [sum(m[1:]) for _, m in examples]
         if self.truncated:
-            print(f"note: {self.truncated} of {len(convs)} conversations were longer than the "
+            print(f"note: {self.truncated} of {len(encoded)} examples were longer than the "
                   f"context ({context} tokens) and were cut.", file=sys.stderr)
 
     def __len__(self) -> int:

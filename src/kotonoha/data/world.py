@@ -2009,6 +2009,7 @@ class World:
     def _conversation(self, rng: random.Random, kind: str, lang: str) -> dict[str, Any]:
         seen = self._split_facts["seen"]
         msgs: list[dict[str, Any]] = []
+        check: dict[str, Any] | None = None  # corrections: nothing single to check
         if rng.random() < 0.3:
             msgs.append(_msg("system", SYSTEM_PROMPTS[lang]))
         if kind == "fact":
@@ -2017,6 +2018,7 @@ class World:
                 _msg("user", self._question(rng, f, lang)),
                 _msg("assistant", f.statement(lang)),
             ]
+            check = {"task": "qa", "answer": f.answer(lang)}
         elif kind == "followup":
             f1, f2 = self._followup_pair(rng, "seen")
             msgs += [
@@ -2027,6 +2029,7 @@ class World:
                 _msg("user", rng.choice(FOLLOWUPS[f2.tmpl][lang]).format_map(f2.slots[lang])),
                 _msg("assistant", f2.statement(lang)),
             ]
+            check = {"task": "followup", "answer": f2.answer(lang)}
         elif kind == "two_hop":
             h = rng.choice(self._hops["seen"])
             t = TWO_HOPS[h.kind][lang]
@@ -2034,6 +2037,7 @@ class World:
                 _msg("user", t["q"].format_map(h.slots[lang])),
                 _msg("assistant", t["a"].format_map(h.slots[lang])),
             ]
+            check = {"task": "two_hop", "answer": h.answer(lang)}
         elif kind in ("correction_wrong", "correction_right"):
             f = rng.choice(seen)
             wrong = self._alt(rng, f, "seen")
@@ -2064,21 +2068,31 @@ class World:
                 _msg("user", rng.choice(fp["q"]).format_map(slots)),
                 _msg("assistant", fp["fix"][0].format_map(slots)),
             ]
+            check = {"task": "false_premise", "answer": f.answer(lang),
+                     "false_statements": [t.format_map(slots) for t in fp["false"]]}
         elif kind == "refusal":
             category, question, _slots = self._request(rng, REFUSALS, "seen", lang)
             msgs += [_msg("user", question), _msg("assistant", self._refusal_reply(category, lang))]
+            check = {"task": "refusal"}
         elif kind == "benign":
             category, question, slots = self._request(rng, BENIGN, "seen", lang)
             msgs += [
                 _msg("user", question),
                 _msg("assistant", BENIGN[category][lang]["a"][0].format_map(slots)),
             ]
+            check = {"task": "benign", "answer": BENIGN[category][lang]["ans"][0].format_map(slots)}
         elif kind == "arithmetic":
-            user, reply, _, _ = self._arith_conv(rng, lang)
+            user, reply, result, _ = self._arith_conv(rng, lang)
             msgs += user + [_msg("assistant", reply)]
+            check = {"task": "arithmetic", "answer": str(result)}
         else:
             raise ValueError(f"unknown SFT kind {kind!r}")
-        return {"messages": msgs, "kind": kind, "lang": lang}
+        row: dict[str, Any] = {"messages": msgs, "kind": kind, "lang": lang}
+        if check is not None:
+            # How the rule-based checker scores a reply to the last user turn (an eval item's
+            # fields): what a verifiable RL reward on these prompts needs.
+            row["check"] = check
+        return row
 
     def iter_sft(self) -> Iterator[dict[str, Any]]:
         rng = random.Random(f"kotonoha-world/{self.seed}/sft")

@@ -55,6 +55,10 @@ class DPOConfig:
     chat_template: str | None = None
     context_length: int | None = None
     beta: float = 0.1  # larger = stay closer to the reference
+    # + sft_weight x the chosen replies' mean per-token NLL (RPO, TRL's rpo_alpha): the
+    # sigmoid loss alone can lower the chosen replies' likelihood too, as long as the
+    # rejected ones fall faster; this term keeps the chosen ones likely.
+    sft_weight: float = 0.0
     epochs: float | None = None  # when set it decides train.steps
     lora: str | LoRAConfig | None = None
     merge_lora: bool = True
@@ -64,6 +68,8 @@ class DPOConfig:
         self.lora = parse_lora(self.lora)
         if self.beta <= 0:
             raise UserError(f"beta must be positive, got {self.beta}.")
+        if self.sft_weight < 0:
+            raise UserError(f"sft_weight must be >= 0, got {self.sft_weight}.")
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -92,18 +98,22 @@ def make_reference(model: nn.Module, lora: LoRAConfig | None,
     return frozen
 
 
-def dpo_loss(reference: LogpFn, beta: float) -> Callable[[nn.Module, Batch],
-                                                         tuple[torch.Tensor, dict[str, float]]]:
+def dpo_loss(reference: LogpFn, beta: float, sft_weight: float = 0.0,
+             ) -> Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]:
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         logps, ref = sequence_logps(model, batch), reference(batch)
         n = len(logps) // 2
         chosen = beta * (logps[:n] - ref[:n])  # implicit rewards
         rejected = beta * (logps[n:] - ref[n:])
         loss = -F.logsigmoid(chosen - rejected).mean()
+        nll = -(logps[:n] / batch["mask"][:n].sum(-1).clamp(min=1)).mean()
+        if sft_weight:
+            loss = loss + sft_weight * nll
         return loss, {"reward_chosen": chosen.mean().item(),
                       "reward_rejected": rejected.mean().item(),
                       "reward_margin": (chosen - rejected).mean().item(),
-                      "reward_accuracy": (chosen > rejected).float().mean().item()}
+                      "reward_accuracy": (chosen > rejected).float().mean().item(),
+                      "nll_chosen": nll.item()}
 
     return loss_fn
 
@@ -167,7 +177,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     trainer = Trainer(
         model, cfg.train, run_dir,
         get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
-        loss_fn=dpo_loss(reference, cfg.beta), evaluate=evaluate if test else None,
+        loss_fn=dpo_loss(reference, cfg.beta, cfg.sft_weight), evaluate=evaluate if test else None,
         export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
                            {"stage": "dpo", "init_from": cfg.init_from, "beta": cfg.beta}),
         flops_per_token=flops_per_token(model.cfg, ctx)["training"], dist_info=d,

@@ -28,8 +28,13 @@ The objective (per response token t of sample i, with r = pi_new / pi_old):
 
 Rewards: `reward: model` scores with the reward model in `reward_model` (a `kotonoha reward`
 run); `reward: arithmetic` is the world's verifiable reward (1 if the reply's final number is
-the prompt's `answer`, else 0) and is the only place the rule-based checker feeds training.
-Evaluation after RL uses the checker on held-out prompts, never the reward model.
+the prompt's `answer`, else 0); `reward: checker` is the world's rule-based checker on every
+prompt that carries a `check` (the world's SFT rows do: the fact a reply must state, the false
+premise it must not repeat, a request it must decline, the sum it must reach), 1 or 0; and
+`reward: model+checker` adds `checker_weight` x that to the reward model's score, so the policy
+keeps the reward model's preferences and is paid for being right. Training prompts are about
+seen entities only. Evaluation after RL uses the checker on *held-out* prompts, never the
+reward model.
 
 Run directory: what the core writes (metrics.jsonl, train_state/, model files, loss.png), plus
 `rollouts.jsonl` (one line per iteration: reward, length, KL, sample replies), `rollout/`
@@ -97,7 +102,8 @@ class RLConfig:
     model: str = "runs/sft"  # the policy to start from (an SFT run)
     out: str = "runs/rl"
     reference: str | None = None  # the frozen KL reference; None = `model`
-    reward: str = "model"  # model | arithmetic (see REWARDS)
+    reward: str = "model"  # model | arithmetic | checker | model+checker (see REWARDS)
+    checker_weight: float = 4.0  # model+checker: reward = RM score + weight * (0 or 1)
     reward_model: str | None = "runs/reward"  # a `kotonoha reward` run, for reward: model
     # Prompts: "world" = the conversations of `world`/sft.jsonl cut before their last
     # assistant turn; or a JSONL file of {"messages": [...], "answer"?: ...}.
@@ -230,6 +236,10 @@ def load_prompts(cfg: RLConfig) -> list[Prompt]:
             if not msgs or msgs[-1]["role"] != "user":
                 continue  # nothing for the assistant to answer
             prompt: Prompt = {"messages": msgs, "kind": kind, "lang": row.get("lang")}
+            if "check" in row and cfg.prompts == "world":
+                prompt["check"] = row["check"]
+            if cfg.reward in ("checker", "model+checker") and "check" not in prompt:
+                continue  # only prompts the checker can score
             if "answer" in row:
                 prompt["answer"] = row["answer"]
             elif kind == "arithmetic" and reference is not None:
@@ -254,15 +264,33 @@ def arithmetic_reward(prompts: Sequence[Prompt], replies: Sequence[str]) -> list
     return out
 
 
-REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward}
+def checker_reward(prompts: Sequence[Prompt], replies: Sequence[str]) -> list[float]:
+    """1 when the world's rule-based checker accepts the reply to the prompt's `check` (an
+    eval item, which carries the checker's fields itself, is its own check)."""
+    return [float(checker.check(p.get("check", p), reply)) for p, reply in zip(prompts, replies)]
+
+
+REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward, "checker": checker_reward}
 
 
 def make_reward_fn(cfg: RLConfig, device: torch.device) -> RewardFn:
     if cfg.reward in REWARDS:
         return REWARDS[cfg.reward]
+    if cfg.reward == "model+checker":
+        rm_score = _reward_model_fn(cfg, device)
+
+        def combined(prompts: Sequence[Prompt], replies: Sequence[str]) -> list[float]:
+            return [m + cfg.checker_weight * c for m, c in
+                    zip(rm_score(prompts, replies), checker_reward(prompts, replies))]
+
+        return combined
     if cfg.reward != "model":
-        raise UserError(f"Unknown reward '{cfg.reward}'; choose model or one of: "
-                        f"{', '.join(REWARDS)}.")
+        raise UserError(f"Unknown reward '{cfg.reward}'; choose model, model+checker or one "
+                        f"of: {', '.join(REWARDS)}.")
+    return _reward_model_fn(cfg, device)
+
+
+def _reward_model_fn(cfg: RLConfig, device: torch.device) -> RewardFn:
     if not cfg.reward_model:
         raise UserError("reward: model needs reward_model (a `kotonoha reward` run directory).")
     from kotonoha.train.reward import load_reward_model
@@ -627,8 +655,8 @@ def _make_evaluate(cfg: RLConfig, run: RLRun, tok: Any,
     items = (load_chat_items(cfg.world, tasks=cfg.eval_tasks, split=cfg.eval_split,
                              max_items=cfg.eval_items) if cfg.eval_items else [])
     by_id = {item["id"]: item for item in items}
-    # A verifiable reward needs an answer to check against; a reward model scores anything.
-    verifiable = cfg.reward in REWARDS
+    # The arithmetic reward needs an answer to check against; the others score any item.
+    verifiable = cfg.reward == "arithmetic"
 
     def evaluate(_: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}

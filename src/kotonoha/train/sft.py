@@ -14,6 +14,7 @@ directory then also holds `adapter.safetensors` + `adapter.json`, and the merged
 from __future__ import annotations
 
 import math
+import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,12 +60,20 @@ class SFTConfig:
     context_length: int | None = None  # longer conversations are cut; None = the model's
     packing: bool = False  # several conversations per row (fewer pad tokens)
     epochs: float | None = None  # when set it decides train.steps
+    # Replay: pretraining documents (any `data prepare` source) mixed into the training set,
+    # `replay_fraction` x the number of conversations, with loss on all their tokens. Without
+    # it, fine-tuning on conversations about some entities erodes what the model knew about
+    # the others (the world demo: held-out cloze 96% -> 76%).
+    replay_data: str | list[str] | None = None
+    replay_fraction: float = 0.0
     lora: str | LoRAConfig | None = None  # e.g. "r=16,alpha=32"; None = full fine-tuning
     merge_lora: bool = True  # also write the merged model (what chat and later stages load)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         self.lora = parse_lora(self.lora)
+        if self.replay_fraction < 0:
+            raise UserError(f"replay_fraction must be >= 0, got {self.replay_fraction}.")
 
 
 # --- pieces the reward and DPO stages share ------------------------------------------------
@@ -166,6 +175,20 @@ def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
     return evaluate
 
 
+def replay_documents(cfg: SFTConfig, n_conversations: int) -> list[str]:
+    """A seeded sample of `replay_fraction * n_conversations` documents of `replay_data`."""
+    if not cfg.replay_fraction:
+        return []
+    from kotonoha.data.sources import iter_documents
+
+    if not cfg.replay_data:
+        raise UserError("replay_fraction > 0 needs replay_data (pretraining text, e.g. "
+                        "data/world/pretrain.jsonl).")
+    docs = list(iter_documents(cfg.replay_data))
+    n = min(len(docs), round(cfg.replay_fraction * n_conversations))
+    return random.Random(cfg.train.seed).sample(docs, n)
+
+
 def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     """Fine-tune and return the run directory."""
     run_dir = Path(cfg.out)
@@ -178,7 +201,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     d = init_distributed(cfg.train.device)
     model, tok = load_chat_model(cfg.init_from, cfg.chat_template)
     ctx = context_for(model, cfg.context_length)
-    train = SFTData(tok, train_convs, ctx, pack=cfg.packing, seed=cfg.train.seed)
+    replay = replay_documents(cfg, len(train_convs))
+    train = SFTData(tok, train_convs, ctx, pack=cfg.packing, seed=cfg.train.seed,
+                    replay=replay)
     val = SFTData(tok, val_convs, ctx, seed=cfg.train.seed) if val_convs else None
     steps_for(cfg.train, cfg.epochs, len(train))
     lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
