@@ -168,6 +168,42 @@ def test_playground_shows_token_probabilities(page: Any) -> None:
     shot(page, "playground.png")
 
 
+def test_playground_sends_its_stop_sequences(page: Any) -> None:
+    page.click("#tab-playground")
+    page.fill("#pg-prompt", "Once upon a time")
+    page.fill("#pg-max-tokens", "4")
+    page.fill("#pg-stops", "river\n\\n\\n")
+    with page.expect_request("**/v1/completions") as request:
+        page.click("#pg-run")
+    assert request.value.post_data_json["stop"] == ["river", "\n\n"]
+    page.wait_for_selector("#pg-status:text('finish reason')")
+
+
+def test_inside_tab_lens_and_attention(page: Any) -> None:
+    page.click("#tab-inside")
+    page.fill("#inside-text", "The river runs past the old bank.")
+    page.fill("#inside-answer", " bank")
+    page.click("#inside-lens")
+    page.wait_for_selector("#lens-table")
+    rows = page.locator("#lens-table tr.lens-row")
+    assert rows.count() == 3  # the embeddings + 2 blocks of the tiny model
+    assert "%" in rows.first.inner_text()
+    page.click("#inside-attention")
+    page.wait_for_selector("#attention-maps table.attention")
+    assert page.locator("#attention-maps table.attention").count() == 4  # heads
+    assert page.input_value("#inside-layer") == "1"  # the last layer first
+    first = page.locator("#attention-maps table.attention").first
+    n_tokens = first.locator("th.query").count()
+    assert first.locator("td.cell").count() == n_tokens * n_tokens
+    page.select_option("#inside-layer", "0")
+    page.wait_for_function("document.querySelector('#inside-layer').value === '0' && "
+                           "document.querySelectorAll('#attention-maps table').length === 4")
+    shot(page, "inside.png")
+    page.select_option("#lang", "ja")
+    assert page.inner_text("#tab-inside") == "内部"
+    page.select_option("#lang", "en")
+
+
 def test_arena_vote_changes_leaderboard(page: Any) -> None:
     page.click("#tab-arena")
     page.wait_for_selector("#vote-count:text('so far')")

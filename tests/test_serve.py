@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -256,6 +257,54 @@ def test_tokenize_and_detokenize(client: httpx.Client) -> None:
     assert back["prompt"] == text
     chat_ids = client.post("/tokenize", json={"messages": HELLO}).json()["tokens"]
     assert chat_ids == tokenizer().encode_chat(HELLO, add_generation_prompt=True)[0]
+
+
+# ---- the Inside tab's endpoints ---------------------------------------------------------------
+
+
+def test_inside_lens_last_layer_is_the_models_own_prediction(client: httpx.Client,
+                                                             server: Any) -> None:
+    from kotonoha.explain.common import encode
+
+    text = "The capital of Aurel is"
+    r = client.post("/v1/inside/lens", json={"model": "tiny-b", "prompt": text,
+                                              "answer": " Beno", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model = server.workers["tiny-b"].engine.model
+    assert len(body["layers"]) == model.cfg.n_layer + 1
+    assert all(len(row["top"]) == 3 and row["answer_rank"] >= 1 for row in body["layers"])
+    with torch.inference_mode():
+        logits = model(torch.tensor([encode(tokenizer(), text)]))[0, -1]
+    assert body["layers"][-1]["top"][0]["id"] == int(logits.argmax()) == body["output_top"]
+
+
+def test_inside_attention_rows_are_causal_distributions(client: httpx.Client) -> None:
+    r = client.post("/v1/inside/attention", json={"text": "The river bank was green.",
+                                                   "layer": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    w = torch.tensor(body["attention"])  # (heads, queries, keys) of layer 0
+    n = len(body["tokens"])
+    assert body["layer"] == 0 and w.shape == (body["n_head"], n, n)
+    assert torch.allclose(w.sum(-1), torch.ones(body["n_head"], n), atol=1e-3)
+    assert torch.all(w.triu(1) == 0)  # no token looks ahead
+    last = client.post("/v1/inside/attention", json={"text": "A b c."}).json()
+    assert last["layer"] == last["n_layer"] - 1
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/inside/attention", {"text": "hello", "layer": 99}, "layer"),
+    ("/v1/inside/attention", {"text": "word " * 200}, "text"),
+    ("/v1/inside/attention", {"text": ""}, "text"),
+    ("/v1/inside/lens", {"prompt": ""}, "prompt"),
+    ("/v1/inside/lens", {"prompt": "x", "model": "nope"}, "model"),
+])
+def test_inside_bad_requests(client: httpx.Client, path: str, body: dict[str, Any],
+                             param: str) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param
 
 
 # ---- errors ---------------------------------------------------------------------------------

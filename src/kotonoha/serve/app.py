@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kotonoha.errors import UserError
-from kotonoha.serve import api, ui
+from kotonoha.serve import api, inside, ui
 from kotonoha.serve.cli import DEFAULT_DB
 from kotonoha.serve.openai import APIError, error_body
 from kotonoha.serve.store import Conflict, NotFound, Store
@@ -65,6 +65,7 @@ def create_app(workers: list[ModelWorker], store: Store, *, api_key: str | None 
     app.state.store = store
     app.state.api_key = api_key
     app.include_router(api.router)
+    app.include_router(inside.router)
     app.include_router(ui.router)
     _install_error_handlers(app)
     # Outermost last: the size limit applies before anything reads the body.

@@ -1,4 +1,4 @@
-// kotonoha web UI: Chat, Playground and Arena over the server's own API.
+// kotonoha web UI: Chat, Playground, Arena and Inside over the server's own API.
 // Plain browser JavaScript, no build step and no network access beyond this server.
 "use strict";
 
@@ -6,7 +6,13 @@
 
 const MESSAGES = {
   en: {
-    "tab.chat": "Chat", "tab.playground": "Playground", "tab.arena": "Arena",
+    "tab.chat": "Chat", "tab.playground": "Playground", "tab.arena": "Arena", "tab.inside": "Inside",
+    "inside.intro": "Look inside the model: the logit lens shows the next-token prediction after every layer; attention shows where each head looks.",
+    "inside.text": "Text", "inside.answer": "Answer to follow (lens)", "inside.run_lens": "Logit lens",
+    "inside.run_attention": "Attention", "inside.layer": "Layer", "inside.top": "Top next tokens",
+    "inside.rank": "Rank", "inside.head": "Head {h}",
+    "inside.lens_hint": "Layer 0 is the embeddings; each later row applies the final norm and output head to the residual stream after that block.",
+    "inside.attention_hint": "Rows are the tokens that look (queries), columns the tokens they look at (keys); darker = more attention. Hover a cell for its weight.",
     "lang": "Language", "model": "Model", "send": "Send", "stop": "Stop",
     "auth.button": "API key", "auth.prompt": "This server needs an API key.", "auth.save": "Save",
     "chat.new": "New chat", "chat.history": "Conversations", "chat.settings": "Settings",
@@ -38,7 +44,13 @@ const MESSAGES = {
     "arena.thanks": "Thanks! A was {a}, B was {b}.", "arena.need_two": "The arena needs a server with at least two models.",
   },
   ja: {
-    "tab.chat": "チャット", "tab.playground": "プレイグラウンド", "tab.arena": "アリーナ",
+    "tab.chat": "チャット", "tab.playground": "プレイグラウンド", "tab.arena": "アリーナ", "tab.inside": "内部",
+    "inside.intro": "モデルの内部を見る：ロジットレンズは各層での次トークン予測を、アテンションは各ヘッドがどこを見ているかを示します。",
+    "inside.text": "テキスト", "inside.answer": "追跡する答え（レンズ）", "inside.run_lens": "ロジットレンズ",
+    "inside.run_attention": "アテンション", "inside.layer": "層", "inside.top": "次トークンの上位",
+    "inside.rank": "順位", "inside.head": "ヘッド {h}",
+    "inside.lens_hint": "層 0 は埋め込み。以降の各行は、そのブロックの後の残差ストリームに最終正規化と出力ヘッドをかけたものです。",
+    "inside.attention_hint": "行は見る側のトークン（クエリ）、列は見られる側（キー）。濃いほど注意が大きい。セルにマウスを置くと重みを表示します。",
     "lang": "言語", "model": "モデル", "send": "送信", "stop": "停止",
     "auth.button": "APIキー", "auth.prompt": "このサーバーにはAPIキーが必要です。", "auth.save": "保存",
     "chat.new": "新しいチャット", "chat.history": "会話履歴", "chat.settings": "設定",
@@ -228,6 +240,7 @@ async function loadModels() {
   const chatModels = models.filter((m) => m.chat);
   fill($("#chat-model"), chatModels.length ? chatModels : models);
   fill($("#pg-model"), models);
+  fill($("#inside-model"), models);
 }
 
 // ---------------------------------------------------------------- chat
@@ -549,7 +562,7 @@ async function runPlayground() {
     max_tokens: numberOr("#pg-max-tokens", 48),
     presence_penalty: numberOr("#pg-presence", 0), frequency_penalty: numberOr("#pg-frequency", 0),
     repetition_penalty: numberOr("#pg-repetition", 1), logprobs: numberOr("#pg-logprobs", 5),
-    stop: lines("#pg-stop"), logit_bias: bias, echo,
+    stop: lines("#pg-stops"), logit_bias: bias, echo,
     stream_options: { include_usage: true },
   };
   const seed = numberOr("#pg-seed", null);
@@ -686,6 +699,55 @@ async function loadLeaderboard() {
     el("td", { class: "num" }, `${m.wins} / ${m.losses} / ${m.ties}`))));
 }
 
+// ---------------------------------------------------------------- inside
+
+function insideBody() {
+  return { model: $("#inside-model").value || undefined, text: $("#inside-text").value };
+}
+
+async function runLens() {
+  const { model, text } = insideBody();
+  const answer = $("#inside-answer").value;
+  try {
+    const r = await api("/v1/inside/lens", { method: "POST", body: { model, prompt: text, answer: answer.trim() ? answer : null } });
+    const follow = r.answer_token !== null;
+    const head = el("tr", {}, el("th", {}, t("inside.layer")), el("th", {}, t("inside.top")),
+      follow ? el("th", {}, `p(${JSON.stringify(r.answer_token)})`) : null, follow ? el("th", {}, t("inside.rank")) : null);
+    const rows = r.layers.map((row) => el("tr", { class: "lens-row" },
+      el("td", { class: "num" }, String(row.layer)),
+      el("td", {}, ...row.top.map((c) => el("span", { class: "lens-token", style: `background:${probColor(c.prob)}` },
+        `${JSON.stringify(c.token)} ${(100 * c.prob).toFixed(1)}%`))),
+      follow ? el("td", { class: "num" }, `${(100 * row.answer_prob).toFixed(2)}%`) : null,
+      follow ? el("td", { class: "num" }, String(row.answer_rank)) : null));
+    $("#inside-output").replaceChildren(el("p", { class: "hint" }, t("inside.lens_hint")),
+      el("table", { class: "lens", id: "lens-table" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+  } catch (e) { showError(e.message); }
+}
+
+async function runAttention() {
+  const layerSelect = $("#inside-layer");
+  const layer = layerSelect.value === "" ? null : Number(layerSelect.value);
+  try {
+    const r = await api("/v1/inside/attention", { method: "POST", body: { ...insideBody(), layer } });
+    if (layerSelect.options.length !== r.n_layer) {
+      layerSelect.replaceChildren(...Array.from({ length: r.n_layer }, (_, i) => el("option", { value: String(i) }, String(i))));
+    }
+    layerSelect.value = String(r.layer);
+    const heads = r.attention.map((map, h) => {
+      const header = el("tr", {}, el("th", {}), ...r.tokens.map((tok) => el("th", { class: "key" }, tok)));
+      const rows = map.map((weights, q) => el("tr", {}, el("th", { class: "query" }, r.tokens[q]),
+        ...weights.map((w, k) => el("td", {
+          class: "cell", title: `${r.tokens[q]} → ${r.tokens[k]}: ${w.toFixed(3)}`,
+          style: `background:rgba(37,99,235,${w.toFixed(3)})`,
+        }))));
+      return el("div", { class: "head-map" }, el("div", { class: "side-title" }, t("inside.head", { h })),
+        el("table", { class: "attention", "data-head": String(h) }, header, ...rows));
+    });
+    $("#inside-output").replaceChildren(el("p", { class: "hint" }, t("inside.attention_hint")),
+      el("div", { class: "head-maps", id: "attention-maps" }, ...heads));
+  } catch (e) { showError(e.message); }
+}
+
 // ---------------------------------------------------------------- start
 
 function setup() {
@@ -726,6 +788,11 @@ function setup() {
   setupPlaygroundHover();
 
   $("#arena-form").addEventListener("submit", (e) => { e.preventDefault(); runBattle(); });
+
+  $("#inside-lens").addEventListener("click", runLens);
+  $("#inside-attention").addEventListener("click", runAttention);
+  $("#inside-layer").addEventListener("change", runAttention);
+  $("#inside-model").addEventListener("change", () => $("#inside-layer").replaceChildren());
   document.querySelectorAll(".vote").forEach((b) => b.addEventListener("click", () => vote(b.dataset.winner)));
 }
 
