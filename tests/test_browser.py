@@ -199,6 +199,10 @@ def test_inside_tab_lens_and_attention(page: Any) -> None:
     page.wait_for_function("document.querySelector('#inside-layer').value === '0' && "
                            "document.querySelectorAll('#attention-maps table').length === 4")
     shot(page, "inside.png")
+    page.fill("#inside-word", "river")
+    page.click("#inside-neighbours")
+    page.wait_for_selector("#neighbours-table")
+    assert page.locator("#neighbours-table tr.neighbour").count() == 10
     page.select_option("#lang", "ja")
     assert page.inner_text("#tab-inside") == "内部"
     page.select_option("#lang", "en")

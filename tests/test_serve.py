@@ -293,12 +293,22 @@ def test_inside_attention_rows_are_causal_distributions(client: httpx.Client) ->
     assert last["layer"] == last["n_layer"] - 1
 
 
+def test_inside_neighbours_match_the_explain_tool(client: httpx.Client, server: Any) -> None:
+    from kotonoha.explain.embeddings import nearest_neighbours
+
+    r = client.post("/v1/inside/neighbours", json={"model": "tiny-b", "word": "river", "k": 4})
+    assert r.status_code == 200, r.text
+    want = nearest_neighbours(server.workers["tiny-b"].engine.model, tokenizer(), "river", 4)
+    assert [n["id"] for n in r.json()["neighbours"]] == [n["id"] for n in want["neighbours"]]
+
+
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/inside/attention", {"text": "hello", "layer": 99}, "layer"),
     ("/v1/inside/attention", {"text": "word " * 200}, "text"),
     ("/v1/inside/attention", {"text": ""}, "text"),
     ("/v1/inside/lens", {"prompt": ""}, "prompt"),
     ("/v1/inside/lens", {"prompt": "x", "model": "nope"}, "model"),
+    ("/v1/inside/neighbours", {"word": " "}, "word"),
 ])
 def test_inside_bad_requests(client: httpx.Client, path: str, body: dict[str, Any],
                              param: str) -> None:

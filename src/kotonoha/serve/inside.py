@@ -1,7 +1,8 @@
-"""The web UI's "Inside" tab: the logit lens and attention maps of a served model.
+"""The web UI's "Inside" tab: the logit lens, attention maps and embedding neighbours.
 
-    POST /v1/inside/lens       {"model"?, "prompt", "answer"?, "k"?}
-    POST /v1/inside/attention  {"model"?, "text", "layer"?}
+    POST /v1/inside/lens        {"model"?, "prompt", "answer"?, "k"?}
+    POST /v1/inside/attention   {"model"?, "text", "layer"?}
+    POST /v1/inside/neighbours  {"model"?, "word", "k"?}
 
 Both run the `explain` tools (the same code as `kotonoha explain lens|attention`) on the
 worker thread between two engine steps, so they never race a generation. Attention returns
@@ -37,6 +38,12 @@ class AttentionRequest(_Request):
     model: str | None = None
     text: str
     layer: int | None = None  # None = the last layer
+
+
+class NeighboursRequest(_Request):
+    model: str | None = None
+    word: str
+    k: int = Field(10, ge=1, le=50)
 
 
 @router.post("/v1/inside/lens")
@@ -84,6 +91,21 @@ async def attention(request: Request, body: AttentionRequest) -> dict[str, Any]:
 
     result = await _call(worker, run, "text")
     return {"model": worker.name, "text": body.text, **result}
+
+
+@router.post("/v1/inside/neighbours")
+async def neighbours(request: Request, body: NeighboursRequest) -> dict[str, Any]:
+    from kotonoha.explain.embeddings import nearest_neighbours
+
+    worker = get_worker(request, body.model)
+    _require_text(body.word, "word")
+
+    def run(engine: Any) -> dict[str, Any]:
+        with torch.inference_mode():
+            return nearest_neighbours(engine.model, worker.tokenizer, body.word, body.k)
+
+    result = await _call(worker, run, "word")
+    return {"model": worker.name, **result}
 
 
 async def _call(worker: Any, fn: Any, param: str) -> dict[str, Any]:

@@ -10,7 +10,9 @@ const MESSAGES = {
     "inside.intro": "Look inside the model: the logit lens shows the next-token prediction after every layer; attention shows where each head looks.",
     "inside.text": "Text", "inside.answer": "Answer to follow (lens)", "inside.run_lens": "Logit lens",
     "inside.run_attention": "Attention", "inside.layer": "Layer", "inside.top": "Top next tokens",
-    "inside.rank": "Rank", "inside.head": "Head {h}",
+    "inside.rank": "Rank", "inside.head": "Head {h}", "inside.word": "Word",
+    "inside.run_neighbours": "Nearest words", "inside.cosine": "Cosine",
+    "inside.neighbours_hint": "The closest rows of the input embedding table (a word split into several tokens is the mean of their rows).",
     "inside.lens_hint": "Layer 0 is the embeddings; each later row applies the final norm and output head to the residual stream after that block.",
     "inside.attention_hint": "Rows are the tokens that look (queries), columns the tokens they look at (keys); darker = more attention. Hover a cell for its weight.",
     "lang": "Language", "model": "Model", "send": "Send", "stop": "Stop",
@@ -48,7 +50,9 @@ const MESSAGES = {
     "inside.intro": "モデルの内部を見る：ロジットレンズは各層での次トークン予測を、アテンションは各ヘッドがどこを見ているかを示します。",
     "inside.text": "テキスト", "inside.answer": "追跡する答え（レンズ）", "inside.run_lens": "ロジットレンズ",
     "inside.run_attention": "アテンション", "inside.layer": "層", "inside.top": "次トークンの上位",
-    "inside.rank": "順位", "inside.head": "ヘッド {h}",
+    "inside.rank": "順位", "inside.head": "ヘッド {h}", "inside.word": "単語",
+    "inside.run_neighbours": "近い単語", "inside.cosine": "コサイン類似度",
+    "inside.neighbours_hint": "入力埋め込み表で最も近い行（複数トークンに分かれる単語はその行の平均）。",
     "inside.lens_hint": "層 0 は埋め込み。以降の各行は、そのブロックの後の残差ストリームに最終正規化と出力ヘッドをかけたものです。",
     "inside.attention_hint": "行は見る側のトークン（クエリ）、列は見られる側（キー）。濃いほど注意が大きい。セルにマウスを置くと重みを表示します。",
     "lang": "言語", "model": "モデル", "send": "送信", "stop": "停止",
@@ -748,6 +752,20 @@ async function runAttention() {
   } catch (e) { showError(e.message); }
 }
 
+async function runNeighbours() {
+  const model = $("#inside-model").value || undefined;
+  try {
+    const r = await api("/v1/inside/neighbours", { method: "POST", body: { model, word: $("#inside-word").value, k: 10 } });
+    const rows = r.neighbours.map((n) => el("tr", { class: "neighbour" },
+      el("td", {}, JSON.stringify(n.token)), el("td", { class: "num" }, n.cosine.toFixed(3))));
+    $("#inside-output").replaceChildren(el("p", { class: "hint" }, t("inside.neighbours_hint")),
+      el("p", {}, `${JSON.stringify(r.word)} = ${r.tokens.map((x) => JSON.stringify(x)).join(" + ")}`),
+      el("table", { class: "lens", id: "neighbours-table" },
+        el("thead", {}, el("tr", {}, el("th", {}, t("inside.word")), el("th", {}, t("inside.cosine")))),
+        el("tbody", {}, ...rows)));
+  } catch (e) { showError(e.message); }
+}
+
 // ---------------------------------------------------------------- start
 
 function setup() {
@@ -791,6 +809,7 @@ function setup() {
 
   $("#inside-lens").addEventListener("click", runLens);
   $("#inside-attention").addEventListener("click", runAttention);
+  $("#inside-neighbours").addEventListener("click", runNeighbours);
   $("#inside-layer").addEventListener("change", runAttention);
   $("#inside-model").addEventListener("change", () => $("#inside-layer").replaceChildren());
   document.querySelectorAll(".vote").forEach((b) => b.addEventListener("click", () => vote(b.dataset.winner)));
