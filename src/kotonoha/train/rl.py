@@ -236,7 +236,7 @@ def load_prompts(cfg: RLConfig) -> list[Prompt]:
             if not msgs or msgs[-1]["role"] != "user":
                 continue  # nothing for the assistant to answer
             prompt: Prompt = {"messages": msgs, "kind": kind, "lang": row.get("lang")}
-            if "check" in row and cfg.prompts == "world":
+            if isinstance(row.get("check"), dict):
                 prompt["check"] = row["check"]
             if cfg.reward in ("checker", "model+checker") and "check" not in prompt:
                 continue  # only prompts the checker can score
