@@ -11,6 +11,7 @@ one layer at a time (every head): all layers of a 30-layer model would be megaby
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,16 +51,9 @@ class NeighboursRequest(_Request):
 async def lens(request: Request, body: LensRequest) -> dict[str, Any]:
     from kotonoha.explain.lens import logit_lens
 
-    worker = get_worker(request, body.model)
-    _require_text(body.prompt, "prompt")
-
-    def run(engine: Any) -> dict[str, Any]:
-        with torch.inference_mode():
-            return logit_lens(engine.model, worker.tokenizer, body.prompt,
-                              body.answer or None, k=body.k)
-
-    result = await _call(worker, run, "prompt")
-    return {"model": worker.name, **result}
+    return await _run_tool(request, body.model, body.prompt, "prompt",
+                           lambda model, tok: logit_lens(model, tok, body.prompt,
+                                                         body.answer or None, k=body.k))
 
 
 @router.post("/v1/inside/attention")
@@ -97,14 +91,21 @@ async def attention(request: Request, body: AttentionRequest) -> dict[str, Any]:
 async def neighbours(request: Request, body: NeighboursRequest) -> dict[str, Any]:
     from kotonoha.explain.embeddings import nearest_neighbours
 
-    worker = get_worker(request, body.model)
-    _require_text(body.word, "word")
+    return await _run_tool(request, body.model, body.word, "word",
+                           lambda model, tok: nearest_neighbours(model, tok, body.word, body.k))
+
+
+async def _run_tool(request: Request, model_name: str | None, text: str, param: str,
+                    tool: Callable[[Any, Any], dict[str, Any]]) -> dict[str, Any]:
+    """`tool(model, tokenizer)` on the worker thread, for a non-empty `text`."""
+    worker = get_worker(request, model_name)
+    _require_text(text, param)
 
     def run(engine: Any) -> dict[str, Any]:
         with torch.inference_mode():
-            return nearest_neighbours(engine.model, worker.tokenizer, body.word, body.k)
+            return tool(engine.model, worker.tokenizer)
 
-    result = await _call(worker, run, "word")
+    result = await _call(worker, run, param)
     return {"model": worker.name, **result}
 
 
