@@ -348,19 +348,10 @@ def load_pipeline_config(config_path: str | Path | None, overrides: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kotonoha.pipeline`."""
-    import argparse
+    """`python -m kotonoha.pipeline` (a `--resume` flag is accepted; resuming is always on)."""
+    from kotonoha.train.loop import module_main
 
-    p = argparse.ArgumentParser(prog="python -m kotonoha.pipeline")
-    p.add_argument("--config")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. rl.kl_coef=0.1")
-    args = p.parse_args(argv)
-    try:
-        pipeline_main(args.config, args.overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return module_main(pipeline_main, "python -m kotonoha.pipeline", argv)
 
 
 if __name__ == "__main__":

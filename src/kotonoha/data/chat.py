@@ -157,6 +157,19 @@ def split_pairs(pairs: list[PreferencePair], test_fraction: float, seed: int,
             [p for i, p in enumerate(pairs) if i in held])
 
 
+def train_test_pairs(data: str | Sequence[str], val_data: str | Sequence[str] | None,
+                     test_fraction: float, seed: int, stage: str,
+                     ) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """The pairs a preference stage (reward, DPO) trains and evaluates on: `val_data` when
+    given, else the held-out part of `data` (see `split_pairs`)."""
+    train, test = split_pairs(load_preferences(data), test_fraction, seed)
+    if val_data:
+        test = load_preferences(val_data)
+    if not train:
+        raise UserError(f"{data} holds only test pairs; {stage} needs pairs to train on.")
+    return train, test
+
+
 def split_conversations(convs: list[list[dict[str, Any]]], val_fraction: float, seed: int,
                         ) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]:
     if val_fraction <= 0 or len(convs) < 2:

@@ -542,19 +542,12 @@ def scaling_main(config_path: str | None, overrides: list[str]) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kotonoha.explain.scaling` (what torchrun launches)."""
-    import argparse
+    """`python -m kotonoha.explain.scaling` (what torchrun launches; finished sizes are always
+    skipped, so `--resume` changes nothing)."""
+    from kotonoha.train.loop import module_main
 
-    p = argparse.ArgumentParser(prog="python -m kotonoha.explain.scaling")
-    p.add_argument("--config")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. tokens=4000000")
-    args = p.parse_args(argv)
-    try:
-        scaling_main(args.config, args.overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return module_main(lambda config, overrides, _resume: scaling_main(config, overrides),
+                       "python -m kotonoha.explain.scaling", argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from kotonoha.checkpoint import atomic_write_json
 from kotonoha.config import load_config
-from kotonoha.data.chat import PairData, load_preferences, split_pairs
+from kotonoha.data.chat import PairData, train_test_pairs
 from kotonoha.errors import UserError
 from kotonoha.model import flops_per_token
 from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed, module_main
@@ -144,12 +144,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     """Optimise the policy on preference pairs; return the run directory (a model dir)."""
     run_dir = Path(cfg.out)
     check_run_dir(run_dir, resume)
-    train_pairs, test_pairs = split_pairs(load_preferences(cfg.data), cfg.test_fraction,
-                                          cfg.train.seed)
-    if cfg.val_data:
-        test_pairs = load_preferences(cfg.val_data)
-    if not train_pairs:
-        raise UserError(f"{cfg.data} holds only test pairs; DPO needs pairs to train on.")
+    train_pairs, test_pairs = train_test_pairs(cfg.data, cfg.val_data, cfg.test_fraction,
+                                               cfg.train.seed, "DPO")
     d = init_distributed(cfg.train.device)
     model, tok = load_chat_model(cfg.init_from, cfg.chat_template)
     ctx = context_for(model, cfg.context_length)

@@ -656,9 +656,10 @@ def stage_main(run: Callable[[Any, bool], Path], cfg: Any, resume: bool) -> Path
             torch.distributed.destroy_process_group()
 
 
-def module_main(entry: Callable[[str | None, list[str], bool], Path], prog: str,
+def module_main(entry: Callable[[str | None, list[str], bool], Any], prog: str,
                 argv: list[str] | None = None) -> int:
-    """`python -m kotonoha.train.<stage>` (what torchrun launches)."""
+    """`python -m kotonoha.<module> --config X [--resume] [key=value ...]` for a stage, the
+    pipeline or the scaling sweep (what torchrun launches)."""
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--config")
     p.add_argument("--resume", action="store_true")

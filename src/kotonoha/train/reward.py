@@ -42,9 +42,8 @@ from kotonoha.data.chat import (
     collate_replies,
     encode_response,
     fit_context,
-    load_preferences,
     pad_id,
-    split_pairs,
+    train_test_pairs,
 )
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, flops_per_token
@@ -209,13 +208,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
     """Train the reward model and return its run directory."""
     run_dir = Path(cfg.out)
     check_run_dir(run_dir, resume)
-    train_pairs, test_pairs = split_pairs(load_preferences(cfg.data), cfg.test_fraction,
-                                          cfg.train.seed)
-    if cfg.val_data:
-        test_pairs = load_preferences(cfg.val_data)
-    if not train_pairs:
-        raise UserError(f"{cfg.data} holds only test pairs; a reward model needs pairs to "
-                        "train on.")
+    train_pairs, test_pairs = train_test_pairs(cfg.data, cfg.val_data, cfg.test_fraction,
+                                               cfg.train.seed, "a reward model")
     d = init_distributed(cfg.train.device)
     backbone, tok = load_chat_model(cfg.init_from, cfg.chat_template)
     ctx = context_for(backbone, cfg.context_length)
