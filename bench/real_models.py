@@ -6,8 +6,8 @@
 Every system runs the same 128 prompt token ids and greedily generates 128 new tokens
 (end-of-text ignored) from the same GGUF file (`--model`, default the packaged `smollm2`):
 
-- kotonoha: `load_gguf` (dequantized to fp32 or bf16) and the `Engine`, eager and with
-  `compile=True`;
+- kotonoha: `load_gguf` (dequantized to fp32 or bf16, or then quantized again to int8 or int4
+  weights by `kotonoha.quantize`) and the `Engine`, eager and with `compile=True`;
 - transformers: `AutoModelForCausalLM.from_pretrained(gguf_file=...)` (dequantized, fp32)
   and `generate`;
 - llama.cpp through llama-cpp-python (skipped if not installed), running the file's own
@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-SYSTEMS = ["kotonoha fp32 eager", "kotonoha fp32 compiled", "kotonoha bf16 eager",
-           "kotonoha bf16 compiled", "transformers fp32", "llama.cpp"]
+SYSTEMS = [f"kotonoha {w} {mode}" for w in ("fp32", "bf16", "int8", "int4")
+           for mode in ("eager", "compiled")] + ["transformers fp32", "llama.cpp"]
 
 
 def cpu_name() -> str:
@@ -70,16 +70,19 @@ def timed(run: Callable[[], tuple[float, float]], runs: int) -> dict:
 # --------------------------------------------------------------------------- the systems
 
 
-def run_kotonoha(model: str, ids: list[int], new: int, runs: int, dtype: str,
+def run_kotonoha(model: str, ids: list[int], new: int, runs: int, weights: str,
                  compiled: bool) -> dict:
     import torch
 
     from kotonoha.convert.gguf import load_gguf
     from kotonoha.engine import Engine
+    from kotonoha.quantize import quantize_model
     from kotonoha.sampling import SamplingParams
 
     t = time.perf_counter()
-    m, tok = load_gguf(model, dtype=getattr(torch, dtype))
+    m, tok = load_gguf(model, dtype=torch.bfloat16 if weights == "bf16" else torch.float32)
+    if weights in ("int8", "int4"):
+        m = quantize_model(m, weights)
     load_s = time.perf_counter() - t
     engine = Engine(m, tok, max_batch_size=1, max_seq_len=len(ids) + new, compile=compiled)
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
@@ -152,9 +155,9 @@ def worker(args: argparse.Namespace) -> None:
     ids = json.loads(args.ids)
     name = args.worker
     if name.startswith("kotonoha"):
-        _, dtype, mode = name.split()
-        out = run_kotonoha(args.model, ids, args.new_tokens, args.runs,
-                           {"fp32": "float32", "bf16": "bfloat16"}[dtype], mode == "compiled")
+        _, weights, mode = name.split()
+        out = run_kotonoha(args.model, ids, args.new_tokens, args.runs, weights,
+                           mode == "compiled")
     elif name == "transformers fp32":
         out = run_transformers(args.model, ids, args.new_tokens, args.runs)
     else:

@@ -124,6 +124,15 @@ def test_prompt_longer_than_context(model_dir, capsys):
     assert code == 2 and "context" in err and "Traceback" not in err
 
 
+def test_max_seq_len_bounds_the_context(model_dir, capsys):
+    argv = ["generate", "--model", str(model_dir), "--prompt", "word " * 20]
+    assert run(argv + ["--max-seq-len", "64"], capsys)[0] == 0
+    code, _, err = run(argv + ["--max-seq-len", "16"], capsys)  # the prompt no longer fits
+    assert code == 2 and "16" in err and "Traceback" not in err
+    code, _, err = run(argv + ["--max-seq-len", "200"], capsys)  # beyond the model's 96
+    assert code == 2 and "max_seq_len must be in 1..96" in err
+
+
 def test_corrupt_model_json(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -382,7 +382,7 @@ def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
     assert tok.decode(ids) == "é"
     # As in llama.cpp, every text fragment after a whole-matched token gets the space prefix.
     assert [tok.id_to_token(i) for i in tok.encode("ab\n\nc")] == ["\u2581ab", "\n\n", "\u2581c"]
-    assert tok.bos_token == "<s>" and getattr(tok, "add_bos_token", None) is True
+    assert tok.bos_token == "<s>" and tok.add_bos_token is True
     assert tok.encode("x", add_bos=True)[0] == tok.bos_id
     # A control token in user text stays text; in trusted template text it is one token.
     assert tok.token_to_id("<start_of_turn>") not in tok.encode("<start_of_turn>")

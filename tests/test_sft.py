@@ -34,7 +34,7 @@ from kotonoha.data.chat import (
 from kotonoha.data.world import generate_world
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, preset
-from kotonoha.tokenizer import CHATML_TEMPLATE, train_bpe
+from kotonoha.tokenizer import CHATML_TEMPLATE, GEMMA_TEMPLATE, Tokenizer, train_bpe
 from kotonoha.train.sft import SFTConfig, sft_loss, sft_main
 
 SFT_TINY = CONFIGS / "sft-tiny.yaml"
@@ -157,6 +157,28 @@ def test_chat_template_for_models_without_one(tmp_path: Path) -> None:
     run = sft_main(str(SFT_TINY), [*args, f"chat_template={tmp_path / 't.jinja'}",
                                    "train.steps=3"], False)
     assert load_model(run)[1].chat_template == template
+
+
+def test_gemma_vocabulary_gets_gemma_turns() -> None:
+    """A base Gemma has <start_of_turn>/<end_of_turn> but no template: SFT uses Gemma's turn
+    format, the system prompt opens the first user turn, and the loss covers the reply and its
+    <end_of_turn> (a stop token), nothing else."""
+    gemma = train_bpe([answer(c) for c in PLACES] * 3, vocab_size=300,
+                      special_tokens=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"])
+    gemma = Tokenizer(gemma.backend, bos_token="<bos>", eos_token="<eos>")
+    assert gemma.chat_template is None
+    ensure_chat_template(gemma, None, "gemma")
+    assert gemma.chat_template == GEMMA_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, user("Hi"), assistant("Hello"),
+                user("Bye")]
+    assert gemma.apply_chat_template(messages, add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    ids, mask = encode_conversation(gemma, messages[:3])
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert gemma.decode(trained) == "Hello<end_of_turn>"
+    assert gemma.token_to_id("<end_of_turn>") in gemma.stop_ids
 
 
 def test_bad_conversation_files_name_the_file_and_line(tmp_path: Path) -> None:

@@ -273,6 +273,30 @@ def test_load_hf_style_config(tok: Tokenizer, tmp_path: Path) -> None:
     assert Tokenizer.load(tmp_path).apply_chat_template(CHAT[:1]) == CHAT[0]["content"]
 
 
+def test_add_bos_token_is_saved_loaded_and_read_from_hf_files(tok: Tokenizer,
+                                                              tmp_path: Path) -> None:
+    assert tok.add_bos_token is False and tok.encode_prompt("Hi") == tok.encode("Hi")
+    t = Tokenizer(tok.backend, bos_token="<|im_start|>", eos_token="<|endoftext|>",
+                  add_bos_token=True)
+    assert t.encode_prompt("Hi") == [t.bos_id, *t.encode("Hi")]
+    t.save(tmp_path / "saved")
+    assert Tokenizer.load(tmp_path / "saved").add_bos_token is True
+    # A Hugging Face file may say it only through its post-processor (Gemma, Llama 3).
+    hf = json.loads(tok.backend.to_str())
+    hf["post_processor"] = {"type": "TemplateProcessing",
+                            "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                       {"Sequence": {"id": "A", "type_id": 0}}],
+                            "pair": [], "special_tokens": {"<|im_start|>": {
+                                "id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(hf))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>"}))
+    assert Tokenizer.load(tmp_path / "hf").add_bos_token is True
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "add_bos_token": False}))
+    assert Tokenizer.load(tmp_path / "hf").add_bos_token is False
+
+
 def test_extra_stop_tokens_survive_save(tok: Tokenizer, tmp_path: Path) -> None:
     t = Tokenizer(tok.backend, eos_token="<|endoftext|>", extra_stop_tokens=[])
     t.save(tmp_path)

@@ -29,6 +29,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+DEFAULT_MAX_SEQ = 4096  # as `kotonoha serve`
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="run directory, Hugging Face directory, .gguf file or preset name")
@@ -37,6 +40,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization for CPU decoding (int4: groups of 32, as Q4_1)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help=f"context to allocate (default: the model's, at most {DEFAULT_MAX_SEQ})")
 
 
 def _sampling_params(args: argparse.Namespace) -> Any:
@@ -106,13 +113,19 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
             raise UserError(f"{args.model} has no tokenizer; pass one with --tokenizer DIR.")
     if dtype is not None:
         model = model.to(dtype)
+    if args.quantize:
+        from kotonoha.quantize import quantize_model
+
+        model = quantize_model(model, args.quantize)
     return model.eval(), tokenizer
 
 
 def _engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     from kotonoha.engine import Engine
 
-    return Engine(model, tokenizer, max_batch_size=1, compile=args.compile)
+    # Gemma 3's 32k context would otherwise mean a 1 GB cache that a terminal chat never fills.
+    seq = args.max_seq_len or min(model.cfg.context_length, DEFAULT_MAX_SEQ)
+    return Engine(model, tokenizer, max_batch_size=1, max_seq_len=seq, compile=args.compile)
 
 
 # ---------------------------------------------------------------------------------- verbs
@@ -141,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
     model, tokenizer = _load(args)
     engine = _engine(model, tokenizer, args)
-    ids = tokenizer.encode(args.prompt)
+    ids = tokenizer.encode_prompt(args.prompt)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     reason = None
@@ -222,7 +235,11 @@ def cmd_stage(args: argparse.Namespace) -> None:
     import importlib
 
     module, func = STAGES[args.verb]
-    result = getattr(importlib.import_module(module), func)(args.config, args.overrides,
+    # --model and --lora are spellings of the init_from= and lora= overrides.
+    flags = [f"{key}={value}" for key, value in (("init_from", getattr(args, "model", None)),
+                                                 ("lora", getattr(args, "lora", None))) if value]
+    result = getattr(importlib.import_module(module), func)(args.config,
+                                                            [*flags, *args.overrides],
                                                             args.resume)
     if isinstance(result, str | Path):  # the pipeline prints its own summary
         print(f"{args.verb} run written to {result}")
@@ -334,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=text)
         p.add_argument("--config", default=None, help="YAML file")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if verb != "pipeline":
+            p.add_argument("--model", default=None, help="model to start from (init_from=): a "
+                           "run directory, HF directory, .gguf file or packaged name (smollm2)")
+        if verb in ("sft", "dpo"):
+            p.add_argument("--lora", default=None, metavar="r=16,alpha=32",
+                           help="train LoRA adapters instead of all weights (lora=)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
         p.set_defaults(func=cmd_stage)
 

@@ -173,7 +173,10 @@ class Engine:
         if max_batch_size < 1:
             raise UserError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         self.max_batch_size = max_batch_size
-        self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, self.device, self.dtype)
+        # On a CPU the cache stays fp32 under a bf16 model: torch's CPU attention is several
+        # times slower in bf16 for one-token queries, which is every decode step.
+        cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, self.device, cache_dtype)
         self.compiled = compile
         # Compiled: every decode step has the same shapes (all rows, the whole cache), so it
         # compiles once; eager: attend only as far as the longest active row needs.

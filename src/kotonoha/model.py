@@ -160,33 +160,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for every layer: (layers, batch, kv_heads, max_len, head_dim).
+    """Preallocated keys/values, per layer: (batch, kv_heads, max_len, head_dim) each.
 
-    Row b's token at position p lives at [:, b, :, p]; a new occupant of a row simply
+    Row b's token at position p lives at [b, :, p]; a new occupant of a row simply
     overwrites it, and the attention mask only looks at positions <= the query's own.
+    One buffer per layer (not one 5-D tensor) so that torch.compile writes new entries in
+    place instead of copying a layer's whole cache on every step.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        for layer in range(cfg.n_layer):
+            for kind in "kv":
+                self.register_buffer(f"{kind}{layer}", torch.zeros(
+                    shape, device=device, dtype=dtype), persistent=False)
         self.batch_size, self.max_len = batch_size, max_len
 
     def update(self, layer: int, rows: torch.Tensor | None, pos: torch.Tensor,
                k: torch.Tensor, v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, H, T, D) at positions `pos` (B, T) of cache rows `rows` (B,), or of
         rows 0..B-1 when `rows` is None (a cheap slice instead of a gather on read)."""
+        k_cache, v_cache = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
         B = k.shape[0]
         r = (torch.arange(B, device=k.device) if rows is None else rows)[:, None]
         # Advanced indexing with a slice in the middle puts the (B, T) index dims first.
-        self.k[layer][r, :, pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][r, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        k_cache[r, :, pos] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[r, :, pos] = v.transpose(1, 2).to(v_cache.dtype)
         if rows is None:
-            return self.k[layer][:B, :, :kv_len], self.v[layer][:B, :, :kv_len]
-        return self.k[layer][rows, :, :kv_len], self.v[layer][rows, :, :kv_len]
+            return k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
+        return k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -232,21 +237,22 @@ class Attention(nn.Module):
         else:
             mask = None  # plain causal: lets SDPA pick its fused kernel
 
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-
         weights = None
         if return_weights:  # explicit softmax so the attention map can be inspected
+            if self.n_kv_head != self.n_head:
+                rep = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
             scores = scores.masked_fill(~mask, float("-inf"))
             weights = scores.softmax(-1)
             y = (weights @ v.float()).type_as(q)
         else:
+            # A cache may keep keys and values in a wider type than the model (see Engine).
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
+                q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None,
                 dropout_p=self.cfg.dropout if self.training else 0.0, scale=self.scale,
-            )
+                enable_gqa=self.n_kv_head != self.n_head,
+            ).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y), weights
 

@@ -43,6 +43,18 @@ CHATML_TEMPLATE: str = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Gemma's turn format (a base Gemma has the tokens but no template): the assistant is "model",
+# and a system prompt, which Gemma has no role for, opens the first user turn.
+GEMMA_TEMPLATE: str = (
+    "{{ bos_token }}"
+    "{% set system = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role'])"
+    " + '\n' + (system if loop.first else '') + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 # End-of-turn tokens of the chat formats we import (ChatML, Gemma, Llama 3, Phi-3): a chat
 # model ends its reply with one of these rather than with eos, so the engine must stop there.
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
@@ -86,6 +98,7 @@ class Tokenizer:
         pad_token: str | None = None,
         extra_stop_tokens: Sequence[str] | None = None,
         model_max_length: int | None = None,
+        add_bos_token: bool = False,
     ) -> None:
         # A tokenizer.json may carry padding/truncation settings; they would silently change
         # ids, and batching/cropping is the engine's and trainer's job.
@@ -95,6 +108,9 @@ class Tokenizer:
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.model_max_length = model_max_length
+        # Whether a plain-text prompt starts with <bos> (Gemma, Llama: yes; ours, SmolLM2: no).
+        # Chat templates write their own <bos>, so this is for `encode_prompt` only.
+        self.add_bos_token = add_bos_token
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._role_id(bos_token, "bos_token")
         self.eos_id = self._role_id(eos_token, "eos_token")
@@ -145,6 +161,10 @@ class Tokenizer:
         if add_bos and self.bos_id is not None:
             return [self.bos_id, *ids]
         return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Untrusted text as a model prompt: `encode`, after <bos> when the model expects it."""
+        return self.encode(text, add_bos=self.add_bos_token)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many texts at once (runs in parallel inside `tokenizers`)."""
@@ -261,6 +281,8 @@ class Tokenizer:
         }
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
+        if self.add_bos_token:  # transformers' key; its own tokenizer.json adds <bos> itself
+            config["add_bos_token"] = True
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         if self.extra_stop_tokens != self._default_stop_tokens():
@@ -306,6 +328,7 @@ class Tokenizer:
             extra_stop_tokens=stops if isinstance(stops, list) else None,
             # HF writes ~1e30 for "no limit".
             model_max_length=max_len if isinstance(max_len, int) and max_len < 2**40 else None,
+            add_bos_token=_adds_bos(config, backend),
         )
 
 
@@ -513,6 +536,22 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise UserError(f"{path} must hold a JSON object; fix or delete it.")
     return config
+
+
+def _adds_bos(config: dict[str, Any], backend: Backend) -> bool:
+    """tokenizer_config.json's add_bos_token, else whether tokenizer.json's post-processor
+    puts the bos token first (how Hugging Face files for Gemma and Llama say it)."""
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    bos = _token_text(config.get("bos_token"), "bos_token")
+    post = json.loads(backend.to_str()).get("post_processor") or {}
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        single = step.get("single") or []
+        if step.get("type") == "TemplateProcessing" and single:
+            first = single[0].get("SpecialToken", {}).get("id")
+            return first is not None and first == bos
+    return False
 
 
 def _pick_template(value: Any) -> str | None:

@@ -531,12 +531,8 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
         # What HF tokenizer.json files do, so an HF export of this model adds <bos> too.
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
-    tok = Tokenizer(backend, chat_template=g.get("tokenizer.chat_template"), bos_token=bos,
-                    eos_token=role("eos"), pad_token=role("padding"))
-    # Whether prompts start with <bos> (Gemma: yes; SmolLM2: no). `Tokenizer` has no field for it
-    # yet, so it rides along as an attribute for callers that know to look.
-    tok.add_bos_token = add_bos  # type: ignore[attr-defined]
-    return tok
+    return Tokenizer(backend, chat_template=g.get("tokenizer.chat_template"), bos_token=bos,
+                     eos_token=role("eos"), pad_token=role("padding"), add_bos_token=add_bos)
 
 
 def _spm_backend(g: GGUFFile, tokens: list[str], types: list[int]) -> Backend:

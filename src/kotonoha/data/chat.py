@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kotonoha.errors import UserError
-from kotonoha.tokenizer import CHATML_TEMPLATE, Tokenizer
+from kotonoha.tokenizer import CHATML_TEMPLATE, GEMMA_TEMPLATE, Tokenizer
 
 IGNORE = -100  # label value that F.cross_entropy skips
 
@@ -185,7 +185,8 @@ def split_conversations(convs: list[list[dict[str, Any]]], val_fraction: float, 
 
 def ensure_chat_template(tok: Tokenizer, template: str | None, source: str) -> Tokenizer:
     """Give `tok` the chat template to train with: `template` (Jinja text or a .jinja file)
-    if set, else its own, else ChatML when its vocabulary has the ChatML control tokens."""
+    if set, else its own, else Gemma's turn format or ChatML when its vocabulary has that
+    format's control tokens."""
     if template:
         path = Path(template)
         if "{" not in template and path.is_file():
@@ -194,8 +195,10 @@ def ensure_chat_template(tok: Tokenizer, template: str | None, source: str) -> T
             raise UserError(f"chat_template '{template}' is neither a Jinja template nor an "
                             "existing .jinja file.")
         tok.chat_template = template
+    elif tok.chat_template is None and _has_tokens(tok, "<start_of_turn>", "<end_of_turn>"):
+        tok.chat_template = GEMMA_TEMPLATE  # a base Gemma: its turn tokens, never trained yet
     elif tok.chat_template is None:
-        if tok.token_to_id("<|im_start|>") is None or tok.token_to_id("<|im_end|>") is None:
+        if not _has_tokens(tok, "<|im_start|>", "<|im_end|>"):
             raise UserError(f"{source} has no chat template and its vocabulary lacks the ChatML "
                             "tokens <|im_start|> and <|im_end|>; set chat_template= to a Jinja "
                             "template (text or a .jinja file) that uses the model's own tokens.")
@@ -208,6 +211,10 @@ def ensure_chat_template(tok: Tokenizer, template: str | None, source: str) -> T
                         "the tokenizer treats as a stop (eos or an end-of-turn token); fix "
                         "the template or the tokenizer's eos_token.")
     return tok
+
+
+def _has_tokens(tok: Tokenizer, *tokens: str) -> bool:
+    return all(tok.token_to_id(t) is not None for t in tokens)
 
 
 def encode_conversation(tok: Tokenizer, messages: list[dict[str, Any]],

@@ -314,7 +314,7 @@ async def completions(request: Request, body: CompletionRequest) -> JSONResponse
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server.",
                        param="suffix")
-    prompts = [worker.tokenizer.encode(p) if isinstance(p, str) else list(p)
+    prompts = [worker.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p)
                for p in body.prompts()]
     for ids in prompts:
         bad = [t for t in ids if not 0 <= t < worker.vocab_size]
@@ -453,7 +453,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
     else:
-        ids = worker.tokenizer.encode(body.prompt or "")
+        ids = worker.tokenizer.encode_prompt(body.prompt or "")
     return {"tokens": ids, "count": len(ids), "max_model_len": worker.max_seq_len,
             "token_strs": [worker.token_str(t) for t in ids]}
 

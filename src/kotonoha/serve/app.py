@@ -227,9 +227,11 @@ class BodyLimitMiddleware:
 
 
 def load_served_model(spec: str, *, tokenizer: str | None = None, device: str | None = None,
-                      dtype: str | None = None) -> tuple[str, Any, Any]:
+                      dtype: str | None = None,
+                      quantize: str | None = None) -> tuple[str, Any, Any]:
     """(name, model, tokenizer) for `--model [NAME=]PATH` (a model directory, HF directory,
-    .gguf file, or a preset name with random weights and `tokenizer`)."""
+    .gguf file, or a preset name with random weights and `tokenizer`), its weights quantized
+    when `quantize` is int8 or int4 (see kotonoha.quantize)."""
     import torch
 
     from kotonoha.checkpoint import load_model
@@ -255,6 +257,10 @@ def load_served_model(spec: str, *, tokenizer: str | None = None, device: str | 
         tok = tok or model_tok
         if tok is None:
             raise UserError(f"{path} has no tokenizer; pass one with --tokenizer DIR.")
+    if quantize:
+        from kotonoha.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
     if not name:
         p = Path(path)
         name = (p.parent.name if p.name == "model" else p.stem if p.is_file() else p.name) or path
@@ -264,7 +270,7 @@ def load_served_model(spec: str, *, tokenizer: str | None = None, device: str | 
 def serve_main(models: list[str], host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, db: str | Path | None = None, *,
                tokenizer: str | None = None, device: str | None = None, dtype: str | None = None,
-               max_batch_size: int = 16, max_seq_len: int | None = None,
+               quantize: str | None = None, max_batch_size: int = 16, max_seq_len: int | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, threads: int | None = None,
                log_level: str = "info") -> None:
     """Load the models and serve them until interrupted (`kotonoha serve`).
@@ -287,8 +293,8 @@ def serve_main(models: list[str], host: str = "127.0.0.1", port: int = 8000,
         torch.set_num_threads(threads)
     if not _is_loopback(host) and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", host)
-    loaded = [load_served_model(spec, tokenizer=tokenizer, device=device, dtype=dtype)
-              for spec in models]
+    loaded = [load_served_model(spec, tokenizer=tokenizer, device=device, dtype=dtype,
+                                quantize=quantize) for spec in models]
     store = Store(db or DEFAULT_DB)
     workers = []
     for name, model, tok in loaded:

@@ -25,6 +25,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="SQLite file for conversations, feedback and arena votes")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization for CPU decoding (int4: groups of 32, as Q4_1)")
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="KV-cache rows: requests generated together")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -39,5 +41,6 @@ def run_serve(args: argparse.Namespace) -> None:
 
     serve_main(args.model, args.host, args.port, args.api_key, args.db,
                tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-               max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+               quantize=args.quantize, max_batch_size=args.max_batch_size,
+               max_seq_len=args.max_seq_len,
                threads=args.threads, log_level=args.log_level)

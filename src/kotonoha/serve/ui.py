@@ -239,7 +239,7 @@ async def new_battle(request: Request, body: BattleBody) -> EventStream:
             if getattr(w.tokenizer, "chat_template", None) is not None:
                 prompt, max_tokens = fit_conversation(w, messages, body.params.max_tokens)
             else:  # a base model just continues the text
-                prompt = w.tokenizer.encode(body.prompt)
+                prompt = w.tokenizer.encode_prompt(body.prompt)
                 max_tokens = resolve_max_tokens(
                     w, len(prompt), min(body.params.max_tokens or DEFAULT_MAX_TOKENS,
                                         max(w.max_seq_len - len(prompt), 1)))

@@ -1,0 +1,110 @@
+"""Weight-only int8/int4 quantization: the layers' arithmetic, a quantized model in the engine,
+and `--quantize` on the command line."""
+
+import pytest
+import torch
+from torch import nn
+
+from kotonoha.checkpoint import save_model
+from kotonoha.cli import main
+from kotonoha.engine import Engine
+from kotonoha.errors import UserError
+from kotonoha.model import Transformer, preset
+from kotonoha.quantize import Int4Linear, Int8Linear, quantize_model
+from kotonoha.sampling import SamplingParams
+from kotonoha.tokenizer import sample_text_paths, train_bpe_from_files
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_close_to_float(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=bias)
+    x = torch.randn(3, 5, 96)
+    y = Int8Linear(linear)(x)
+    assert y.shape == (3, 5, 40)
+    # int8 per channel plus bf16 activations: about 1 % of the output's size.
+    assert _relative_error(y, linear(x)) < 0.02
+
+
+def test_int4_linear_reproduces_a_q4_1_grid() -> None:
+    """Weights that already sit on a 4-bit grid of 32-wide groups (a Q4_1 file's) come back
+    on the same grid: only the bf16 activations and scales differ from the float layer."""
+    torch.manual_seed(0)
+    n, k = 48, 128
+    step = torch.rand(n, k // 32, 1) * 0.01 + 0.001
+    low = torch.randn(n, k // 32, 1) * 0.01
+    codes = torch.randint(0, 16, (n, k // 32, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # each group spans the whole range, as Q4_1 makes it
+    linear = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_((codes * step + low).view(n, k))
+    x = torch.randn(7, k)
+    y = Int4Linear(linear)(x)
+    assert _relative_error(y, linear(x)) < 0.01
+    # Arbitrary weights lose more (4 bits), but still track the float layer.
+    other = nn.Linear(k, n)
+    assert _relative_error(Int4Linear(other)(x), other(x)) < 0.15
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = train_bpe_from_files(sample_text_paths(), 600)
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=tok.vocab_size, context_length=96)), tok
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_tracks_the_float_model(tiny, mode: str) -> None:
+    model, tok = tiny
+    fresh = Transformer(model.cfg)
+    fresh.load_state_dict(model.state_dict())
+    quantized = quantize_model(fresh, mode)
+    assert not any(isinstance(m, nn.Linear) for m in quantized.modules())
+    assert next(quantized.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([tok.encode("The river bank is green and the fish swim in it.")])
+    with torch.no_grad():
+        ref, out = model(ids), quantized(ids)
+    assert _relative_error(out, ref) < (0.05 if mode == "int8" else 0.25)
+    # Greedy next tokens mostly agree (random weights make near-ties common).
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.7
+
+
+def test_engine_decodes_a_quantized_model_like_its_own_forward(tiny) -> None:
+    """Through the engine (static cache, fp32 keys/values on the CPU) greedy decoding matches
+    the quantized model's own full recompute, token by token."""
+    model, tok = tiny
+    fresh = Transformer(model.cfg)
+    fresh.load_state_dict(model.state_dict())
+    quantized = quantize_model(fresh, "int4")
+    engine = Engine(quantized, tok, max_batch_size=2)
+    assert engine.cache.k0.dtype == torch.float32  # wider than the bf16 model, on purpose
+    prompt = tok.encode("Once upon a time")
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+                                                   ignore_eos=True))[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(quantized(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.token_ids == ids[len(prompt):]
+
+
+def test_bad_quantization_requests() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="Unknown quantization 'int3'"):
+        quantize_model(Transformer(preset("tiny")), "int3")
+    odd = Transformer(preset("tiny", d_model=48, n_head=4, n_kv_head=2))
+    with pytest.raises(UserError, match="divisible by 32.*Use --quantize int8"):
+        quantize_model(odd, "int4")
+
+
+def test_generate_with_quantize_flag(tiny, tmp_path, capsys) -> None:
+    model, tok = tiny
+    save_model(tmp_path / "m", model, tok)
+    code = main(["generate", "--model", str(tmp_path / "m"), "--prompt", "The river",
+                 "--temperature", "0", "--max-tokens", "8", "--quantize", "int4"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("The river") and len(out) > len("The river\n")
