@@ -119,3 +119,42 @@ def test_adapter_must_fit_its_base(tmp_path: Path) -> None:
     other = Transformer(preset("tiny", vocab_size=300, context_length=32, d_model=32))
     with pytest.raises(UserError, match="does not fit"):
         load_adapter(other, tmp_path)
+
+
+def test_adapter_only_run_loads_and_merges_with_convert(tmp_path: Path, capsys) -> None:
+    """merge_lora=false keeps only the adapter: `load_model` (so chat and serve) rebuilds the
+    merged model from the base it names, and `convert --merge-lora` writes it out."""
+    from kotonoha.cli import main
+
+    base = sft_model()
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [user(QUESTION), assistant(REPLY)]}])
+    run = sft_main(str(CONFIGS / "sft-tiny.yaml"),
+                   [f"data={data}", f"init_from={base}", f"out={tmp_path / 'a'}",
+                    "val_fraction=0", "lora=r=4,alpha=8", "merge_lora=false", "train.steps=3",
+                    "train.lr=1e-2", *FAST], False)
+    assert (run / "adapter.safetensors").is_file() and not (run / "model.safetensors").exists()
+    expected, tok = load_model(base, dtype=torch.float32)
+    merge_lora(load_adapter(expected, run))
+    ids = torch.tensor([tok.encode_chat([user(QUESTION)], add_generation_prompt=True)[0]])
+    loaded, run_tok = load_model(run)
+    assert run_tok is not None and run_tok.chat_template == tok.chat_template
+    with torch.no_grad():
+        want = expected(ids)
+        assert torch.allclose(loaded(ids), want, atol=1e-5)
+        assert not torch.allclose(load_model(base)[0](ids), want, atol=1e-3)  # it did change
+    assert main(["convert", "--from", str(run), "--merge-lora", "--to", "kotonoha",
+                 "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "merged")[0](ids), want, atol=1e-5)
+    # --base overrides the base the adapter names (e.g. after the base moved).
+    moved = tmp_path / "moved-base"
+    moved.mkdir()
+    for f in Path(base).iterdir():
+        if f.is_file():
+            (moved / f.name).write_bytes(f.read_bytes())
+    assert main(["convert", "--from", str(run), "--merge-lora", "--base", str(moved),
+                 "--to", "kotonoha", "--out", str(tmp_path / "merged2")]) == 0
+    # Not a LoRA run: one sentence, exit 2.
+    assert main(["convert", "--from", str(base), "--merge-lora", "--to", "kotonoha",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "needs a LoRA run directory" in capsys.readouterr().err

@@ -52,6 +52,22 @@ def test_reward_model_beats_chance_on_held_out_pairs(tmp_path: Path) -> None:
     assert backbone.cfg == rm.backbone.cfg
 
 
+def test_lora_reward_model_learns_and_saves_merged(tmp_path: Path) -> None:
+    """lora= trains adapters on the backbone and the head; the saved reward model (merged)
+    scores exactly as the final held-out evaluation did."""
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows())
+    run = reward_main(str(CONFIGS / "reward-tiny.yaml"),
+                      [f"data={data}", f"init_from={sft_model()}", f"out={tmp_path / 'rm'}",
+                       "lora=r=8,alpha=16", "train.lr=1e-2", *FAST], False)
+    report = json.loads((run / "reward_eval.json").read_text())
+    assert report["val_accuracy"] >= 0.75, report
+    rm = load_reward_model(run)
+    test = [r for r in preference_rows() if r["split"] == "test"]
+    chosen = rm.score([r["prompt"] for r in test], [r["chosen"] for r in test])
+    rejected = rm.score([r["prompt"] for r in test], [r["rejected"] for r in test])
+    assert (chosen > rejected).float().mean().item() == pytest.approx(report["val_accuracy"])
+
+
 def test_bradley_terry_loss_and_margin() -> None:
     class Fixed(torch.nn.Module):  # rewards straight from the batch
         def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

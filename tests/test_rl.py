@@ -17,6 +17,7 @@ from kotonoha.errors import UserError
 from kotonoha.model import Transformer, preset
 from kotonoha.tokenizer import sample_text_paths, train_bpe
 from kotonoha.train.loop import Dist
+from kotonoha.train.lora import load_adapter
 from kotonoha.train.rl import (
     RL_TRAIN_DEFAULTS,
     RLConfig,
@@ -189,6 +190,25 @@ def test_tiny_rl_run_raises_the_reward(setup: Path) -> None:
     assert (run_dir / "model.safetensors").is_file()
     rollouts = (run_dir / "rollouts.jsonl").read_text().splitlines()
     assert len(rollouts) == 8 and json.loads(rollouts[0])["samples"]
+
+
+def test_lora_rl_run_uses_the_adapter_free_model_as_reference(setup: Path) -> None:
+    """With lora= the policy trains adapters only; the KL reference is the same model with
+    its adapters off, so KL starts at 0 and grows; the run saves the adapter and the merge."""
+    run_dir = run_rl(config(setup, "rl-lora", "lora=r=4,alpha=8", "train.steps=6",
+                            "train.lr=3e-2", "probe_prompts=0", "ppo_epochs=2"),
+                     reward_fn=reward_space)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5) and max(r["kl"] for r in train) > 0
+    assert (run_dir / "adapter.safetensors").is_file()
+    base, tok = load_model(setup / "policy", dtype=torch.float32)
+    merged, _ = load_model(run_dir)
+    adapted = load_adapter(load_model(setup / "policy", dtype=torch.float32)[0], run_dir)
+    ids = torch.tensor([tok.encode("Say a word")])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), adapted(ids), atol=1e-4)
+        assert not torch.allclose(merged(ids), base(ids), atol=1e-4)
 
 
 def test_resume_mid_iteration_matches_uninterrupted(setup: Path) -> None:

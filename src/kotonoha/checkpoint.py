@@ -258,9 +258,10 @@ def load_model(spec: str | Path, *, device: torch.device | str | None = None,
     """Open a model from disk: returns (model in eval mode, tokenizer or None).
 
     `spec` may be a kotonoha model/run directory (model.json + model.safetensors), a run
-    directory with the model in its `model/` folder, a Hugging Face directory (config.json +
-    safetensors, sharded or not), a `.gguf` file, or a packaged name such as `smollm2`. Only safetensors, JSON and GGUF are read;
-    nothing is unpickled.
+    directory with the model in its `model/` folder, a LoRA run with only its adapter (merged
+    onto the base it names), a Hugging Face directory (config.json + safetensors, sharded or
+    not), a `.gguf` file, or a packaged name such as `smollm2`. Only safetensors, JSON and GGUF
+    are read; nothing is unpickled.
     """
     from kotonoha.models import resolve  # packaged names ("smollm2") -> the file they ship
 
@@ -281,6 +282,10 @@ def load_model(spec: str | Path, *, device: torch.device | str | None = None,
     for candidate in (path, path / "model"):
         if (candidate / CONFIG_FILE).is_file():
             return load_kotonoha(candidate, device=device, dtype=dtype)
+        if (candidate / "adapter.json").is_file():  # a LoRA run saved with merge_lora=false
+            from kotonoha.train.lora import load_adapter_model
+
+            return load_adapter_model(candidate, device=device, dtype=dtype)
         if _is_hf_dir(candidate):
             from kotonoha.convert.hf import load_hf
 

@@ -187,7 +187,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from kotonoha.checkpoint import load_model, save_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_model(args.src, device="cpu", dtype=dtype)
+    if args.merge_lora:
+        from kotonoha.train.lora import ADAPTER_CONFIG, load_adapter_model
+
+        if not (Path(args.src) / ADAPTER_CONFIG).is_file():
+            raise UserError(f"--merge-lora needs a LoRA run directory; {args.src} has no "
+                            f"{ADAPTER_CONFIG}.")
+        model, tokenizer = load_adapter_model(args.src, args.base, device="cpu", dtype=dtype)
+    else:
+        model, tokenizer = load_model(args.src, device="cpu", dtype=dtype)
     if args.to == "kotonoha":
         save_model(args.out, model, tokenizer)
     elif args.to == "hf":
@@ -235,8 +243,9 @@ def cmd_stage(args: argparse.Namespace) -> None:
     import importlib
 
     module, func = STAGES[args.verb]
-    # --model and --lora are spellings of the init_from= and lora= overrides.
-    flags = [f"{key}={value}" for key, value in (("init_from", getattr(args, "model", None)),
+    # --model and --lora are spellings of the init_from= (rl: model=) and lora= overrides.
+    start = "model" if args.verb == "rl" else "init_from"
+    flags = [f"{key}={value}" for key, value in ((start, getattr(args, "model", None)),
                                                  ("lora", getattr(args, "lora", None))) if value]
     result = getattr(importlib.import_module(module), func)(args.config,
                                                             [*flags, *args.overrides],
@@ -318,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                    help="matrix type of a GGUF export (norms stay f32)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--merge-lora", action="store_true",
+                   help="--from is a LoRA run: merge its adapter into its base model")
+    p.add_argument("--base", default=None,
+                   help="with --merge-lora: the base model, if not the one adapter.json names")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("data", help="the built-in world, and token shards from any text")
@@ -352,9 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML file")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         if verb != "pipeline":
-            p.add_argument("--model", default=None, help="model to start from (init_from=): a "
-                           "run directory, HF directory, .gguf file or packaged name (smollm2)")
-        if verb in ("sft", "dpo"):
+            p.add_argument("--model", default=None, help="model to start from (init_from=, "
+                           "rl: model=): a run directory, HF directory, .gguf file or packaged "
+                           "name (smollm2)")
             p.add_argument("--lora", default=None, metavar="r=16,alpha=32",
                            help="train LoRA adapters instead of all weights (lora=)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

@@ -211,3 +211,25 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                             f"{tuple(t.shape)}, the model needs {tuple(own[k].shape)}.")
     model.load_state_dict(tensors, strict=False)
     return model
+
+
+def load_adapter_model(directory: str | Path, base: str | None = None, *,
+                       device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """The merged model of an adapter-only run: its base (`base`, else the one adapter.json
+    names) with the adapter applied and merged in, and the run's tokenizer (which carries any
+    chat template SFT gave it), else the base's."""
+    from kotonoha.checkpoint import load_model
+    from kotonoha.tokenizer import Tokenizer
+
+    d = Path(directory)
+    meta = read_json(d / ADAPTER_CONFIG, "loading a LoRA adapter")
+    base = base or (meta.get("base") if isinstance(meta, dict) else None)
+    if not base:
+        raise UserError(f"{d / ADAPTER_CONFIG} does not name its base model; pass it with "
+                        "--base MODEL.")
+    model, tok = load_model(base, device=device, dtype=dtype)
+    merge_lora(load_adapter(model, d))
+    if (d / "tokenizer.json").is_file():
+        tok = Tokenizer.load(d)
+    return model.eval(), tok

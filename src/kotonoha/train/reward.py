@@ -49,6 +49,7 @@ from kotonoha.errors import UserError
 from kotonoha.model import Transformer, flops_per_token
 from kotonoha.tokenizer import Tokenizer
 from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed, module_main
+from kotonoha.train.lora import LoRAConfig, apply_lora, merge_state_dict, parse_lora
 from kotonoha.train.sft import (
     announce,
     context_for,
@@ -168,7 +169,12 @@ class RewardConfig:
     context_length: int | None = None
     margin: float = 0.0  # added to each pair's own "margin"
     epochs: float | None = None  # when set it decides train.steps
+    # LoRA on the backbone (the head always trains); the saved reward model is merged.
+    lora: str | LoRAConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)  # batch_size counts pairs
+
+    def __post_init__(self) -> None:
+        self.lora = parse_lora(self.lora)
 
 
 def bt_loss(margin: float = 0.0) -> Callable[[nn.Module, dict[str, torch.Tensor]],
@@ -213,6 +219,9 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
     d = init_distributed(cfg.train.device)
     backbone, tok = load_chat_model(cfg.init_from, cfg.chat_template)
     ctx = context_for(backbone, cfg.context_length)
+    lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
+    if lora is not None:
+        apply_lora(backbone, lora)  # freezes the backbone's own weights, not the head's
     torch.manual_seed(cfg.train.seed)  # the same head on every rank
     model = RewardModel(backbone, tok).train()
     train = PairData(tok, train_pairs, ctx, seed=cfg.train.seed)
@@ -230,6 +239,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
         return {k: v for k, v in final.items() if isinstance(v, float)}
 
     def export(state: dict[str, torch.Tensor], step: int) -> None:
+        if lora is not None:
+            state = merge_state_dict(state, lora)
         save_reward_model(run_dir, state, backbone, tok,
                           {"stage": "reward", "step": step, "init_from": cfg.init_from})
 

@@ -65,13 +65,12 @@ from kotonoha.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    build_model,
     load_model,
-    save_model,
 )
 from kotonoha.config import dump_yaml, load_config
 from kotonoha.data import checker
 from kotonoha.errors import UserError
+from kotonoha.models import is_packaged
 from kotonoha.train.loop import (
     Dist,
     TrainConfig,
@@ -81,6 +80,8 @@ from kotonoha.train.loop import (
     module_main,
     stage_main,
 )
+from kotonoha.train.lora import LoRAConfig, adapters_disabled, apply_lora, parse_lora
+from kotonoha.train.sft import make_export
 
 Prompt = dict[str, Any]  # {"messages": [...], optional "answer", "kind", "lang"}
 # (prompts, reply texts) -> one reward per reply. Named ones live in REWARDS.
@@ -130,9 +131,14 @@ class RLConfig:
     # seeds every time) before and after: the low-noise "did RL raise the reward" number.
     probe_prompts: int = 32
     samples_logged: int = 2  # replies per iteration written to rollouts.jsonl
+    # LoRA on the policy; with no `reference` given, the KL reference is the same model with
+    # its adapters off (no second copy of the weights).
+    lora: str | LoRAConfig | None = None
+    merge_lora: bool = True
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**RL_TRAIN_DEFAULTS))
 
     def __post_init__(self) -> None:
+        self.lora = parse_lora(self.lora)
         if self.group_size < 2:
             raise UserError(f"group_size must be >= 2 (advantages compare replies to the same "
                             f"prompt), got {self.group_size}.")
@@ -479,8 +485,7 @@ class RLRun:
             start, end = len(c.prompt_ids) - 1, len(seq) - 1  # targets seq[start+1 .. end]
             mask[i, start:end] = 1.0
             old[i, start:end] = torch.tensor(c.logprobs, dtype=torch.float32)
-        device = next(self.reference.parameters()).device
-        ref = sequence_logprobs(self.reference, ids.to(device)).cpu() * mask
+        ref = sequence_logprobs(self.reference, ids.to(self.d.device)).cpu() * mask
         kl = float(masked_mean(kl_k3(old, ref), mask))
         rollout = Rollout(index, ids, mask, old, ref, adv, raw, length)
         self._log_rollout(rollout, prompts, texts, kl, time.perf_counter() - t0)
@@ -560,8 +565,20 @@ class RLRun:
 # Running
 
 
+class AdaptersOff(nn.Module):
+    """A LoRA policy seen with its adapters switched off: its frozen starting point."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy]  # a list, so it is not a submodule that .eval() would touch
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with adapters_disabled(self._policy[0]):
+            return self._policy[0](ids)
+
+
 def _load_policy(spec: str, what: str) -> tuple[nn.Module, Any]:
-    if not Path(spec).exists():
+    if not Path(spec).exists() and not is_packaged(spec):
         raise UserError(f"The {what} {spec} does not exist; train it first (kotonoha sft) or "
                         "point rl.model at a model directory.")
     model, tok = load_model(spec, dtype=torch.float32)
@@ -584,11 +601,19 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
         raise UserError("RL generates with whole-model rollouts on every rank; use "
                         "train.parallel=ddp (or one process).")
     policy, tok = _load_policy(cfg.model, "policy")
-    ref_spec = cfg.reference or cfg.model
-    reference, ref_tok = _load_policy(ref_spec, "reference")
-    if ref_tok.backend.get_vocab() != tok.backend.get_vocab():
-        raise UserError(f"The reference {ref_spec} uses a different tokenizer than {cfg.model}.")
-    reference = reference.to(d.device).eval().requires_grad_(False)
+    lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
+    if lora is not None:
+        apply_lora(policy, lora)
+    reference: nn.Module
+    if lora is not None and cfg.reference is None:
+        reference = AdaptersOff(policy)
+    else:
+        ref_spec = cfg.reference or cfg.model
+        reference, ref_tok = _load_policy(ref_spec, "reference")
+        if ref_tok.backend.get_vocab() != tok.backend.get_vocab():
+            raise UserError(f"The reference {ref_spec} uses a different tokenizer than "
+                            f"{cfg.model}.")
+        reference = reference.to(d.device).eval().requires_grad_(False)
     prompts = load_prompts(cfg)
     reward = reward_fn or make_reward_fn(cfg, d.device)
     if d.is_main:
@@ -599,12 +624,8 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
 
     torch.manual_seed(cfg.train.seed)
     run = RLRun(cfg, policy, reference, tok, prompts, reward, d, run_dir)
-    mcfg = policy.cfg
-
-    def export(state: dict[str, torch.Tensor], step: int) -> None:
-        save_model(run_dir, build_model(mcfg, state, source=run_dir), tok,
-                   extra={"step": step, "stage": "rl", "init": str(cfg.model),
-                          "reward": cfg.reward})
+    export = make_export(run_dir, policy, tok, lora, cfg.merge_lora,
+                         {"stage": "rl", "init_from": str(cfg.model), "reward": cfg.reward})
 
     evaluate = (_make_evaluate(cfg, run, tok) if cfg.eval_items or cfg.probe_prompts
                 else None)
