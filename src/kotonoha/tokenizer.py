@@ -456,13 +456,17 @@ def _jsonl_text(line: str, f: Path, n: int) -> str:
 
 def _plain_text_backend(backend: Backend, control: set[str]) -> Backend:
     """A copy of `backend` on which control tokens in the input are ordinary characters."""
-    data = json.loads(backend.to_str())
+    text = backend.to_str()
     # encode_special_tokens only covers tokens flagged special; some imported tokenizer.json
     # files leave end-of-turn tokens unflagged, which would let user text forge a turn.
-    for tok in data.get("added_tokens", []):
-        if tok["content"] in control:
-            tok["special"] = True
-    clone = Backend.from_str(json.dumps(data))
+    added = backend.get_added_tokens_decoder().values()
+    if any(t.content in control and not t.special for t in added):
+        data = json.loads(text)  # slow on a 262k vocabulary (Gemma), so only when needed
+        for tok in data.get("added_tokens", []):
+            if tok["content"] in control:
+                tok["special"] = True
+        text = json.dumps(data)
+    clone = Backend.from_str(text)
     clone.encode_special_tokens = True
     return clone
 
