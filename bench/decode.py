@@ -93,8 +93,10 @@ def bench_bare(model: Transformer, args: argparse.Namespace) -> dict:
     """The floor under the engine: one batched prefill, then a plain argmax loop over the same
     static cache (no per-row settings, text, stops or bookkeeping); gpt-fast's shape."""
     device = next(model.parameters()).device
+    # The engine's choice: fp32 keys/values on the CPU, the model's dtype elsewhere.
     cache = KVCache(model.cfg, args.batch, args.prompt_len + args.new_tokens, device,
-                    next(model.parameters()).dtype)
+                    torch.float32 if device.type == "cpu"
+                    else next(model.parameters()).dtype)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (args.batch, args.prompt_len),
                             generator=g).to(device)

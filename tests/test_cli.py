@@ -133,6 +133,26 @@ def test_max_seq_len_bounds_the_context(model_dir, capsys):
     assert code == 2 and "max_seq_len must be in 1..96" in err
 
 
+@pytest.mark.parametrize(("verb", "key"), [("sft", "init_from"), ("reward", "init_from"),
+                                         ("dpo", "init_from"), ("rl", "model")])
+def test_stage_model_and_lora_flags(verb, key, monkeypatch):
+    """--model and --lora are the init_from= (rl: model=) and lora= overrides, placed before
+    the explicit key=value ones so that those still win."""
+    import kotonoha.cli as cli
+
+    seen = {}
+
+    def fake_stage(config, overrides, resume):
+        seen.update(config=config, overrides=overrides, resume=resume)
+
+    module = type(sys)("fake_stage_module")
+    module.main = fake_stage
+    monkeypatch.setitem(sys.modules, "fake_stage_module", module)
+    monkeypatch.setitem(cli.STAGES, verb, ("fake_stage_module", "main"))
+    assert main([verb, "--model", "smollm2", "--lora", "r=8,alpha=16", "out=x"]) == 0
+    assert seen["overrides"] == [f"{key}=smollm2", "lora=r=8,alpha=16", "out=x"]
+
+
 def test_corrupt_model_json(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

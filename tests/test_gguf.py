@@ -413,6 +413,11 @@ def test_sentencepiece_round_trip(tmp_path: Path) -> None:
     assert "tokenizer.huggingface.json" not in fields  # exact in llama.cpp's own terms
     assert fields["tokenizer.ggml.tokens"][-1] == f"[PAD{tok.vocab_size + 2}]"
     assert back.cfg.vocab_size == tok.vocab_size + 3
+    # The tokenizer's add_bos_token travels in the file, both ways.
+    assert tok.add_bos_token and fields["tokenizer.ggml.add_bos_token"] is True
+    tok.add_bos_token = False
+    _, tok3 = load_gguf(save_gguf(tmp_path / "nobos.gguf", model, tok))
+    assert tok3.add_bos_token is False
 
 
 def test_byte_level_vocabulary_keeps_our_split(tmp_path: Path, tok: Tokenizer) -> None:

@@ -154,6 +154,12 @@ def test_adapter_only_run_loads_and_merges_with_convert(tmp_path: Path, capsys) 
             (moved / f.name).write_bytes(f.read_bytes())
     assert main(["convert", "--from", str(run), "--merge-lora", "--base", str(moved),
                  "--to", "kotonoha", "--out", str(tmp_path / "merged2")]) == 0
+    assert json.loads((run / "adapter.json").read_text())["base"] == str(Path(base).resolve())
+    # A base that moved: one sentence that says how to merge onto its new place.
+    meta = json.loads((run / "adapter.json").read_text())
+    (run / "adapter.json").write_text(json.dumps({**meta, "base": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match="did not load.*--merge-lora --base"):
+        load_model(run)
     # Not a LoRA run: one sentence, exit 2.
     assert main(["convert", "--from", str(base), "--merge-lora", "--to", "kotonoha",
                  "--out", str(tmp_path / "x")]) == 2

@@ -108,3 +108,39 @@ def test_generate_with_quantize_flag(tiny, tmp_path, capsys) -> None:
                  "--temperature", "0", "--max-tokens", "8", "--quantize", "int4"])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("The river") and len(out) > len("The river\n")
+
+
+def test_quantize_keeps_biases_and_refuses_other_devices() -> None:
+    """A model with q/k/v biases (Qwen2-style) quantizes with its biases; a model that is not
+    on the CPU is refused in one sentence; a LoRA layer is merged before it is quantized."""
+    from kotonoha.train.lora import LoRAConfig, apply_lora
+
+    torch.manual_seed(0)
+    biased = Transformer(preset("tiny", vocab_size=300, qkv_bias=True))
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        for p in biased.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # nonzero biases
+        ref = biased(ids)
+    out = quantize_model(biased, "int8")(ids)
+    assert _relative_error(out, ref) < 0.05
+    assert quantize_model(Transformer(preset("tiny", vocab_size=300)), "int8") is not None
+    with pytest.raises(UserError, match="CPU only"):
+        quantize_model(Transformer(preset("tiny", vocab_size=300)).to("meta"), "int8")
+    lora = apply_lora(Transformer(preset("tiny", vocab_size=300)), LoRAConfig(r=4))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_()  # an adapter that changes the output
+        want = lora(ids)
+    assert _relative_error(quantize_model(lora, "int8")(ids), want) < 0.05
+
+
+def test_serve_loads_a_quantized_model_on_the_cpu(tiny, tmp_path) -> None:
+    from kotonoha.serve.app import load_served_model
+
+    model, tok = tiny
+    save_model(tmp_path / "m", model, tok)
+    name, served, _ = load_served_model(f"q={tmp_path / 'm'}", quantize="int4")
+    assert name == "q" and next(served.parameters()).device.type == "cpu"
+    assert any(isinstance(m, Int4Linear) for m in served.modules())

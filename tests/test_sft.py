@@ -175,6 +175,9 @@ def test_gemma_vocabulary_gets_gemma_turns() -> None:
         "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
         "<start_of_turn>model\nHello<end_of_turn>\n"
         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    # Gemma has no system role: a later system message is a user turn.
+    assert gemma.apply_chat_template([user("Hi"), {"role": "system", "content": "Be kind."}]) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>user\nBe kind.<end_of_turn>\n")
     ids, mask = encode_conversation(gemma, messages[:3])
     trained = [i for i, m in zip(ids, mask) if m]
     assert gemma.decode(trained) == "Hello<end_of_turn>"

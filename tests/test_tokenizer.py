@@ -292,6 +292,11 @@ def test_add_bos_token_is_saved_loaded_and_read_from_hf_files(tok: Tokenizer,
     (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(hf))
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>"}))
     assert Tokenizer.load(tmp_path / "hf").add_bos_token is True
+    hf["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+         "use_regex": False}, hf["post_processor"]]}  # Llama 3's shape
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(hf))
+    assert Tokenizer.load(tmp_path / "hf").add_bos_token is True
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "add_bos_token": False}))
     assert Tokenizer.load(tmp_path / "hf").add_bos_token is False

@@ -29,9 +29,6 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-DEFAULT_MAX_SEQ = 4096  # as `kotonoha serve`
-
-
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="run directory, Hugging Face directory, .gguf file or preset name")
@@ -43,7 +40,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization for CPU decoding (int4: groups of 32, as Q4_1)")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help=f"context to allocate (default: the model's, at most {DEFAULT_MAX_SEQ})")
+                   help="context to allocate (default: the model's, at most 4096)")
 
 
 def _sampling_params(args: argparse.Namespace) -> Any:
@@ -86,7 +83,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from kotonoha.model import PRESETS, Transformer, preset
 
-    device = _resolve_device(args.device)
+    # Quantized kernels are CPU ones: --quantize picks the CPU unless told otherwise.
+    device = _resolve_device(args.device or ("cpu" if args.quantize else None))
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tokenizer = None
     if args.tokenizer:
@@ -121,10 +119,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
-    from kotonoha.engine import Engine
+    from kotonoha.engine import DEFAULT_MAX_SEQ_LEN, Engine
 
-    # Gemma 3's 32k context would otherwise mean a 1 GB cache that a terminal chat never fills.
-    seq = args.max_seq_len or min(model.cfg.context_length, DEFAULT_MAX_SEQ)
+    seq = args.max_seq_len or min(model.cfg.context_length, DEFAULT_MAX_SEQ_LEN)
     return Engine(model, tokenizer, max_batch_size=1, max_seq_len=seq, compile=args.compile)
 
 
@@ -187,6 +184,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from kotonoha.checkpoint import load_model, save_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.base and not args.merge_lora:
+        raise UserError("--base only applies with --merge-lora (the base of a LoRA run).")
     if args.merge_lora:
         from kotonoha.train.lora import ADAPTER_CONFIG, load_adapter_model
 
@@ -328,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matrix type of a GGUF export (norms stay f32)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--merge-lora", action="store_true",
-                   help="--from is a LoRA run: merge its adapter into its base model")
+                   help="--from is a LoRA run: merge its adapter onto its base (or --base)")
     p.add_argument("--base", default=None,
                    help="with --merge-lora: the base model, if not the one adapter.json names")
     p.set_defaults(func=cmd_convert)

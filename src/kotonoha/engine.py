@@ -152,6 +152,11 @@ class _Request:
     prompt_mask: torch.Tensor | None = None
 
 
+# Positions a command-line chat or the server allocates unless told otherwise: Gemma 3's 32k
+# context would otherwise mean a KV cache of gigabytes that a conversation never fills.
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
 class Engine:
     """Batched generation over a static KV cache; see the module docstring."""
 

@@ -237,11 +237,16 @@ class Attention(nn.Module):
         else:
             mask = None  # plain causal: lets SDPA pick its fused kernel
 
+        # Grouped-query attention: the CPU kernel reads shared key/value heads in place; on
+        # other devices a masked enable_gqa call can fall back to the slow math kernel, so
+        # the heads are repeated there (and for the explicit softmax below).
+        gqa = self.n_kv_head != self.n_head
+        if gqa and (return_weights or x.device.type != "cpu"):
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
         weights = None
         if return_weights:  # explicit softmax so the attention map can be inspected
-            if self.n_kv_head != self.n_head:
-                rep = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
             scores = scores.masked_fill(~mask, float("-inf"))
             weights = scores.softmax(-1)
@@ -251,7 +256,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None,
                 dropout_p=self.cfg.dropout if self.training else 0.0, scale=self.scale,
-                enable_gqa=self.n_kv_head != self.n_head,
+                enable_gqa=gqa,
             ).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y), weights

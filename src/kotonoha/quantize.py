@@ -87,7 +87,9 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     if device.type != "cpu":
         raise UserError(f"--quantize {mode} runs on the CPU only (the model is on {device}); "
                         "on a GPU use --dtype bfloat16 and --compile.")
-    model.eval()
+    from kotonoha.train.lora import merge_lora
+
+    merge_lora(model.eval())  # a LoRA layer is an nn.Linear too: fold its adapter in first
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if mode == "int4":
         odd = [name for name, m in targets if m.in_features % INT4_GROUP]

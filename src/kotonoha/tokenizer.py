@@ -44,12 +44,14 @@ CHATML_TEMPLATE: str = (
 )
 
 # Gemma's turn format (a base Gemma has the tokens but no template): the assistant is "model",
-# and a system prompt, which Gemma has no role for, opens the first user turn.
+# and Gemma has no system role: a leading system prompt opens the first user turn, a later
+# one is a user turn.
 GEMMA_TEMPLATE: str = (
     "{{ bos_token }}"
-    "{% set system = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' %}"
-    "{% for message in messages if message['role'] != 'system' %}"
-    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role'])"
+    "{% set lead = messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' if lead else '' %}"
+    "{% for message in (messages[1:] if lead else messages) %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user')"
     " + '\n' + (system if loop.first else '') + message['content'] + '<end_of_turn>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
@@ -281,8 +283,7 @@ class Tokenizer:
         }
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
-        if self.add_bos_token:  # transformers' key; its own tokenizer.json adds <bos> itself
-            config["add_bos_token"] = True
+        config["add_bos_token"] = self.add_bos_token  # transformers' key
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         if self.extra_stop_tokens != self._default_stop_tokens():

@@ -632,10 +632,7 @@ def _tokenizer_metadata(w: GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
     stops = [i for i in tok.stop_ids if i != tok.eos_id]
     if stops:
         w.add_eot_token_id(stops[0])
-    post = data.get("post_processor") or {}
-    w.add_add_bos_token(bool(post.get("type") == "TemplateProcessing" and tok.bos_token
-                             and any(s.get("SpecialToken", {}).get("id") == tok.bos_token
-                                     for s in post.get("single", []))))
+    w.add_add_bos_token(bool(tok.add_bos_token and tok.bos_id is not None))
     w.add_add_eos_token(False)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)

@@ -236,15 +236,18 @@ def load_served_model(spec: str, *, tokenizer: str | None = None, device: str | 
 
     from kotonoha.checkpoint import load_model
     from kotonoha.model import PRESETS, Transformer, preset
+    from kotonoha.models import is_packaged
     from kotonoha.tokenizer import Tokenizer
 
     name, sep, path = spec.partition("=")
     if not sep or Path(spec).exists():
         name, path = "", spec
     torch_dtype = getattr(torch, dtype) if dtype else None
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Quantized kernels are CPU ones: quantize picks the CPU unless a device is given.
+    dev = device or ("cuda" if torch.cuda.is_available() and not quantize else "cpu")
     tok = Tokenizer.load(tokenizer) if tokenizer else None
-    if path in PRESETS and not Path(path).exists():
+    # "gemma3-270m" is both a preset (random weights) and a packaged model: the model wins.
+    if path in PRESETS and not is_packaged(path) and not Path(path).exists():
         if tok is None:
             raise UserError(f"--model {path} is a preset with random weights; give it a "
                             "tokenizer with --tokenizer DIR.")
@@ -283,6 +286,8 @@ def serve_main(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     import torch
     import uvicorn
 
+    from kotonoha.engine import DEFAULT_MAX_SEQ_LEN
+
     if not models:
         raise UserError("Give at least one --model to serve.")
     if max_batch_size < 1:
@@ -298,7 +303,7 @@ def serve_main(models: list[str], host: str = "127.0.0.1", port: int = 8000,
     store = Store(db or DEFAULT_DB)
     workers = []
     for name, model, tok in loaded:
-        seq = max_seq_len or min(model.cfg.context_length, 4096)
+        seq = max_seq_len or min(model.cfg.context_length, DEFAULT_MAX_SEQ_LEN)
         workers.append(ModelWorker(name, model, tok, max_batch_size=max_batch_size,
                                    max_seq_len=min(seq, model.cfg.context_length)))
     app = create_app(workers, store, api_key=api_key, max_body_bytes=max_body_bytes)

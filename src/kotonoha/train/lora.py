@@ -183,8 +183,11 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_adapter(directory: str | Path, state: dict[str, torch.Tensor], cfg: LoRAConfig,
                  base: str | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write adapter.safetensors + adapter.json (a few MB instead of the whole model)."""
+    """Write adapter.safetensors + adapter.json (a few MB instead of the whole model). A base
+    that is a path is stored absolute, so the run loads from any working directory."""
     d = Path(directory)
+    if base is not None and Path(base).exists():
+        base = str(Path(base).resolve())
     tensors = adapter_state(state)
     save_safetensors_atomic(tensors, d / ADAPTER_WEIGHTS)
     atomic_write_json(d / ADAPTER_CONFIG, {"format": "kotonoha-lora", "lora": asdict(cfg),
@@ -227,8 +230,15 @@ def load_adapter_model(directory: str | Path, base: str | None = None, *,
     base = base or (meta.get("base") if isinstance(meta, dict) else None)
     if not base:
         raise UserError(f"{d / ADAPTER_CONFIG} does not name its base model; pass it with "
-                        "--base MODEL.")
-    model, tok = load_model(base, device=device, dtype=dtype)
+                        "`kotonoha convert --from RUN --merge-lora --base MODEL`.")
+    if Path(base).exists() and Path(base).resolve() == d.resolve():
+        raise UserError(f"{d / ADAPTER_CONFIG} names the run itself as its base.")
+    try:
+        model, tok = load_model(base, device=device, dtype=dtype)
+    except UserError as e:
+        raise UserError(f"The LoRA run {d} is an adapter on {base}, which did not load: {e} "
+                        "Merge it onto the base's new location with `kotonoha convert --from "
+                        "RUN --merge-lora --base MODEL --to kotonoha --out DIR`.") from e
     merge_lora(load_adapter(model, d))
     if (d / "tokenizer.json").is_file():
         tok = Tokenizer.load(d)

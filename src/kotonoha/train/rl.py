@@ -453,13 +453,13 @@ class RLRun:
         cfg, G = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
         prompts = self.prompts_for(index)
+        was_training = self.policy.training  # before _engine(): creating one calls .eval()
         engine = self._engine()
         prompt_ids = [p["ids"] for p in prompts]
         base = (cfg.train.seed * 1_000_003 + index) * 100_000 + self.d.rank * self.local_prompts * G
         # Temperature 1 and no truncation: the engine's logprobs are then pi_old exactly.
         params = [SamplingParams(temperature=1.0, max_tokens=cfg.max_new_tokens, seed=base + i)
                   for i in range(len(prompts) * G)]
-        was_training = self.policy.training
         self.policy.eval()
         try:
             comps = engine.generate([ids for ids in prompt_ids for _ in range(G)], params)
