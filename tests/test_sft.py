@@ -27,9 +27,11 @@ from chat_testing import (
 from kotonoha.checkpoint import load_model, read_safetensors, save_model
 from kotonoha.data.chat import (
     SFTData,
+    conversation_kinds,
     encode_conversation,
     ensure_chat_template,
     load_conversations,
+    repeat_by_kind,
 )
 from kotonoha.data.world import generate_world
 from kotonoha.errors import UserError
@@ -182,6 +184,24 @@ def test_gemma_vocabulary_gets_gemma_turns() -> None:
     trained = [i for i, m in zip(ids, mask) if m]
     assert gemma.decode(trained) == "Hello<end_of_turn>"
     assert gemma.token_to_id("<end_of_turn>") in gemma.stop_ids
+
+
+def test_kind_weights_oversample_training_rows(tmp_path: Path) -> None:
+    rows = [{"messages": [user(f"q{i}"), assistant(f"a{i}")], "kind": k}
+            for i, k in enumerate(["fact"] * 6 + ["false_premise"] * 4)]
+    data = write_jsonl(tmp_path / "k.jsonl", rows)
+    convs = load_conversations(str(data))
+    kinds = conversation_kinds(str(data))
+    assert kinds == [r["kind"] for r in rows]
+    out = repeat_by_kind(convs, kinds, {"false_premise": 3.0}, seed=0)
+    assert len(out) == 6 + 12 and sum(c[0]["content"] == "q7" for c in out) == 3
+    half = repeat_by_kind(convs, kinds, {"false_premise": 1.5, "fact": 0.0}, seed=0)
+    assert 4 <= len(half) <= 8 and all(c[0]["content"] >= "q6" for c in half)
+    args = [f"data={data}", f"init_from={sft_model()}", f"out={tmp_path / 'o'}", *FAST]
+    with pytest.raises(UserError, match="kind_weights names refusal, which no conversation"):
+        sft_main(str(SFT_TINY), [*args, "kind_weights.refusal=2"], False)
+    with pytest.raises(UserError, match="numbers >= 0"):
+        sft_main(str(SFT_TINY), [*args, "kind_weights.fact=-1"], False)
 
 
 def test_bad_conversation_files_name_the_file_and_line(tmp_path: Path) -> None:

@@ -170,6 +170,24 @@ def train_test_pairs(data: str | Sequence[str], val_data: str | Sequence[str] | 
     return train, test
 
 
+def conversation_kinds(data: str | Sequence[str]) -> list[str | None]:
+    """The "kind" field of each conversation, in `load_conversations`' order."""
+    return [obj.get("kind") if isinstance(obj.get("kind"), str) else None
+            for path in _paths(data) for _, obj in read_jsonl(path)]
+
+
+def repeat_by_kind(convs: list[Any], kinds: list[str | None], weights: dict[str, float],
+                   seed: int) -> list[Any]:
+    """Each conversation of a kind with weight w counted w times: floor(w) copies, and one more
+    for a seeded random (w - floor(w)) share of them; kinds without a weight count once."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for conv, kind in zip(convs, kinds):
+        w = weights.get(kind, 1.0) if kind is not None else 1.0
+        out += [conv] * (int(w) + (rng.random() < w - int(w)))
+    return out
+
+
 def split_conversations(convs: list[list[dict[str, Any]]], val_fraction: float, seed: int,
                         ) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]:
     if val_fraction <= 0 or len(convs) < 2:

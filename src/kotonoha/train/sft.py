@@ -29,8 +29,10 @@ from kotonoha.checkpoint import atomic_write_text, build_model, load_model, save
 from kotonoha.config import dump_yaml, load_config
 from kotonoha.data.chat import (
     SFTData,
+    conversation_kinds,
     ensure_chat_template,
     load_conversations,
+    repeat_by_kind,
     split_conversations,
 )
 from kotonoha.errors import UserError
@@ -66,6 +68,9 @@ class SFTConfig:
     # the others (the world demo: held-out cloze 96% -> 76%).
     replay_data: str | list[str] | None = None
     replay_fraction: float = 0.0
+    # Oversampling by the rows' "kind" field, e.g. {false_premise: 3}: each training
+    # conversation of that kind counts 3 times (the world's kinds; see docs/WORLD.md).
+    kind_weights: dict[str, float] = field(default_factory=dict)
     lora: str | LoRAConfig | None = None  # e.g. "r=16,alpha=32"; None = full fine-tuning
     merge_lora: bool = True  # also write the merged model (what chat and later stages load)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -74,6 +79,11 @@ class SFTConfig:
         self.lora = parse_lora(self.lora)
         if self.replay_fraction < 0:
             raise UserError(f"replay_fraction must be >= 0, got {self.replay_fraction}.")
+        if not isinstance(self.kind_weights, dict) or not all(
+                isinstance(w, int | float) and not isinstance(w, bool) and w >= 0
+                for w in self.kind_weights.values()):
+            raise UserError("kind_weights must map conversation kinds to numbers >= 0, e.g. "
+                            "kind_weights.false_premise=3.")
 
 
 # --- pieces the reward and DPO stages share ------------------------------------------------
@@ -198,6 +208,16 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         train_convs, val_convs = convs, load_conversations(cfg.val_data)
     else:
         train_convs, val_convs = split_conversations(convs, cfg.val_fraction, cfg.train.seed)
+    if cfg.kind_weights:  # after the split, so no copy of a validation row is trained on
+        kinds = conversation_kinds(cfg.data)
+        missing = sorted(set(cfg.kind_weights) - set(kinds))
+        if missing:
+            raise UserError(f"kind_weights names {', '.join(missing)}, which no conversation "
+                            f"in {cfg.data} has (kinds: "
+                            f"{', '.join(sorted({k for k in kinds if k})) or 'none'}).")
+        kind_of = {id(c): k for c, k in zip(convs, kinds)}
+        train_convs = repeat_by_kind(train_convs, [kind_of[id(c)] for c in train_convs],
+                                     cfg.kind_weights, cfg.train.seed)
     d = init_distributed(cfg.train.device)
     model, tok = load_chat_model(cfg.init_from, cfg.chat_template)
     ctx = context_for(model, cfg.context_length)
