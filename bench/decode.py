@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from kotonoha.engine import Engine
+from kotonoha.engine import Engine, cache_dtype
 from kotonoha.model import KVCache, Transformer, preset
 from kotonoha.sampling import SamplingParams
 
@@ -93,10 +93,8 @@ def bench_bare(model: Transformer, args: argparse.Namespace) -> dict:
     """The floor under the engine: one batched prefill, then a plain argmax loop over the same
     static cache (no per-row settings, text, stops or bookkeeping); gpt-fast's shape."""
     device = next(model.parameters()).device
-    # The engine's choice: fp32 keys/values on the CPU, the model's dtype elsewhere.
     cache = KVCache(model.cfg, args.batch, args.prompt_len + args.new_tokens, device,
-                    torch.float32 if device.type == "cpu"
-                    else next(model.parameters()).dtype)
+                    cache_dtype(device, next(model.parameters()).dtype))  # as the engine
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (args.batch, args.prompt_len),
                             generator=g).to(device)

@@ -291,3 +291,41 @@ def load_model(spec: str | Path, *, device: torch.device | str | None = None,
 
             return load_hf(candidate, device=device, dtype=dtype)
     raise UserError(f"Directory {path} holds no model; {expected}.")
+
+
+def load_for_inference(spec: str | Path, *, tokenizer: str | Path | None = None,
+                       device: str | None = None, dtype: str | None = None,
+                       quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """What `generate`, `chat` and `serve` run: a model in eval mode and its tokenizer, from
+    anything `load_model` opens or from a preset name (random weights, with `tokenizer`); cast
+    to `dtype` ("bfloat16", ...) and, with `quantize` ("int8", "int4"), quantized on the CPU."""
+    from kotonoha.model import PRESETS, preset
+    from kotonoha.models import is_packaged
+    from kotonoha.tokenizer import Tokenizer
+
+    if device is None:  # the quantized kernels are CPU ones
+        device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"Device '{device}' was requested but no CUDA GPU is available.")
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    tok = Tokenizer.load(tokenizer) if tokenizer else None
+    name = str(spec)
+    # "gemma3-270m" is both a preset (random weights) and a packaged model: the model wins.
+    if name in PRESETS and not is_packaged(name) and not Path(name).exists():
+        if tok is None:
+            raise UserError(f"--model {name} is a preset with random weights; give it a "
+                            "tokenizer with --tokenizer DIR (see `kotonoha tokenizer train`).")
+        torch.manual_seed(0)
+        model = Transformer(preset(name, vocab_size=tok.vocab_size)).to(device)
+    else:
+        model, model_tok = load_model(spec, device=device, dtype=torch_dtype)
+        tok = tok or model_tok
+        if tok is None:
+            raise UserError(f"{spec} has no tokenizer; pass one with --tokenizer DIR.")
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    if quantize:
+        from kotonoha.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+    return model.eval(), tok

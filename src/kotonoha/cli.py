@@ -67,55 +67,12 @@ def _sampling_params(args: argparse.Namespace) -> Any:
     return params
 
 
-def _resolve_device(name: str | None) -> str:
-    import torch
-
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"Device '{name}' was requested but no CUDA GPU is available.")
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """A model and its tokenizer from --model (path or preset) and optional --tokenizer."""
-    import torch
+    from kotonoha.checkpoint import load_for_inference
 
-    from kotonoha.model import PRESETS, Transformer, preset
-
-    # Quantized kernels are CPU ones: --quantize picks the CPU unless told otherwise.
-    device = _resolve_device(args.device or ("cpu" if args.quantize else None))
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    tokenizer = None
-    if args.tokenizer:
-        from kotonoha.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(args.tokenizer)
-    from kotonoha.models import is_packaged
-
-    # "gemma3-270m" is both a preset (random weights) and a packaged model: the model wins.
-    if args.model in PRESETS and not is_packaged(args.model) and not Path(args.model).exists():
-        if tokenizer is None:
-            raise UserError(
-                f"--model {args.model} is a preset with random weights; give it a tokenizer "
-                "with --tokenizer DIR (see `kotonoha tokenizer train`)."
-            )
-        torch.manual_seed(0)
-        model = Transformer(preset(args.model, vocab_size=tokenizer.vocab_size)).to(device)
-    else:
-        from kotonoha.checkpoint import load_model
-
-        model, model_tok = load_model(args.model, device=device, dtype=dtype)
-        tokenizer = tokenizer or model_tok
-        if tokenizer is None:
-            raise UserError(f"{args.model} has no tokenizer; pass one with --tokenizer DIR.")
-    if dtype is not None:
-        model = model.to(dtype)
-    if args.quantize:
-        from kotonoha.quantize import quantize_model
-
-        model = quantize_model(model, args.quantize)
-    return model.eval(), tokenizer
+    return load_for_inference(args.model, tokenizer=args.tokenizer, device=args.device,
+                              dtype=args.dtype, quantize=args.quantize)
 
 
 def _engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:

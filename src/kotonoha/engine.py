@@ -157,6 +157,12 @@ class _Request:
 DEFAULT_MAX_SEQ_LEN = 4096
 
 
+def cache_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """Keys and values stay fp32 on a CPU even under a bf16 model: torch's CPU attention is
+    several times slower in bf16 for one-token queries, which is every decode step."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
 class Engine:
     """Batched generation over a static KV cache; see the module docstring."""
 
@@ -178,10 +184,8 @@ class Engine:
         if max_batch_size < 1:
             raise UserError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         self.max_batch_size = max_batch_size
-        # On a CPU the cache stays fp32 under a bf16 model: torch's CPU attention is several
-        # times slower in bf16 for one-token queries, which is every decode step.
-        cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, self.device, cache_dtype)
+        self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, self.device,
+                             cache_dtype(self.device, self.dtype))
         self.compiled = compile
         # Compiled: every decode step has the same shapes (all rows, the whole cache), so it
         # compiles once; eager: attend only as far as the longest active row needs.

@@ -229,45 +229,20 @@ class BodyLimitMiddleware:
 def load_served_model(spec: str, *, tokenizer: str | None = None, device: str | None = None,
                       dtype: str | None = None,
                       quantize: str | None = None) -> tuple[str, Any, Any]:
-    """(name, model, tokenizer) for `--model [NAME=]PATH` (a model directory, HF directory,
-    .gguf file, or a preset name with random weights and `tokenizer`), its weights quantized
-    when `quantize` is int8 or int4 (see kotonoha.quantize)."""
-    import torch
-
-    from kotonoha.checkpoint import load_model
-    from kotonoha.model import PRESETS, Transformer, preset
-    from kotonoha.models import is_packaged
-    from kotonoha.tokenizer import Tokenizer
+    """(name, model, tokenizer) for `--model [NAME=]PATH`: PATH is anything
+    `checkpoint.load_for_inference` opens (a model or HF directory, a .gguf file, a packaged
+    name, or a preset with `tokenizer`); NAME defaults to the directory or file name."""
+    from kotonoha.checkpoint import load_for_inference
 
     name, sep, path = spec.partition("=")
     if not sep or Path(spec).exists():
         name, path = "", spec
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    # Quantized kernels are CPU ones: quantize picks the CPU unless a device is given.
-    dev = device or ("cuda" if torch.cuda.is_available() and not quantize else "cpu")
-    tok = Tokenizer.load(tokenizer) if tokenizer else None
-    # "gemma3-270m" is both a preset (random weights) and a packaged model: the model wins.
-    if path in PRESETS and not is_packaged(path) and not Path(path).exists():
-        if tok is None:
-            raise UserError(f"--model {path} is a preset with random weights; give it a "
-                            "tokenizer with --tokenizer DIR.")
-        torch.manual_seed(0)
-        model = Transformer(preset(path, vocab_size=tok.vocab_size)).to(dev)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-    else:
-        model, model_tok = load_model(path, device=dev, dtype=torch_dtype)
-        tok = tok or model_tok
-        if tok is None:
-            raise UserError(f"{path} has no tokenizer; pass one with --tokenizer DIR.")
-    if quantize:
-        from kotonoha.quantize import quantize_model
-
-        model = quantize_model(model, quantize)
+    model, tok = load_for_inference(path, tokenizer=tokenizer, device=device, dtype=dtype,
+                                    quantize=quantize)
     if not name:
         p = Path(path)
         name = (p.parent.name if p.name == "model" else p.stem if p.is_file() else p.name) or path
-    return name, model.eval(), tok
+    return name, model, tok
 
 
 def serve_main(models: list[str], host: str = "127.0.0.1", port: int = 8000,

@@ -30,7 +30,7 @@ from kotonoha.data.chat import PairData, train_test_pairs
 from kotonoha.errors import UserError
 from kotonoha.model import flops_per_token
 from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed, module_main
-from kotonoha.train.lora import LoRAConfig, adapters_disabled, apply_lora, parse_lora
+from kotonoha.train.lora import AdaptersOff, LoRAConfig, apply_lora, parse_lora
 from kotonoha.train.sft import (
     announce,
     context_for,
@@ -83,13 +83,8 @@ def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
 def make_reference(model: nn.Module, lora: LoRAConfig | None,
                    device: torch.device | None = None) -> LogpFn:
     """A frozen copy of the starting model (or, for LoRA, the model minus its adapters)."""
-    if lora is not None:
-        def with_adapters_off(batch: Batch) -> torch.Tensor:
-            with torch.no_grad(), adapters_disabled(model):
-                return sequence_logps(model, batch)
-
-        return with_adapters_off
-    ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    ref = (AdaptersOff(model) if lora is not None
+           else copy.deepcopy(model).to(device).eval().requires_grad_(False))
 
     def frozen(batch: Batch) -> torch.Tensor:
         with torch.no_grad():

@@ -174,6 +174,19 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.enabled = True
 
 
+class AdaptersOff(nn.Module):
+    """A LoRA model seen with its adapters switched off: its frozen starting point, the DPO
+    and RL reference, without a second copy of the weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._model = [model]  # a list, so it is not a submodule that .eval() would touch
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with adapters_disabled(self._model[0]):
+            return self._model[0](ids)
+
+
 # --- adapter-only files --------------------------------------------------------------------
 
 

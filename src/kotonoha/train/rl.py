@@ -80,7 +80,7 @@ from kotonoha.train.loop import (
     module_main,
     stage_main,
 )
-from kotonoha.train.lora import LoRAConfig, adapters_disabled, apply_lora, parse_lora
+from kotonoha.train.lora import AdaptersOff, LoRAConfig, apply_lora, parse_lora
 from kotonoha.train.sft import make_export
 
 Prompt = dict[str, Any]  # {"messages": [...], optional "answer", "kind", "lang"}
@@ -563,18 +563,6 @@ class RLRun:
 
 # ---------------------------------------------------------------------------------------------
 # Running
-
-
-class AdaptersOff(nn.Module):
-    """A LoRA policy seen with its adapters switched off: its frozen starting point."""
-
-    def __init__(self, policy: nn.Module) -> None:
-        super().__init__()
-        self._policy = [policy]  # a list, so it is not a submodule that .eval() would touch
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        with adapters_disabled(self._policy[0]):
-            return self._policy[0](ids)
 
 
 def _load_policy(spec: str, what: str) -> tuple[nn.Module, Any]:
