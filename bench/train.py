@@ -40,6 +40,7 @@ from kotonoha.train.loop import (
     Dist,
     TrainConfig,
     Trainer,
+    cpu_has_fast_bf16,
     make_optimizer,
     peak_flops,
     resolve_device,
@@ -219,7 +220,13 @@ def main() -> int:
 
     rows: list[dict[str, Any]] = []
     peaks: dict[str, float] = {}
-    for dtype in args.dtypes.split(","):
+    dtypes = args.dtypes.split(",")
+    if not gpu and "bf16" in dtypes and not cpu_has_fast_bf16():
+        # Emulated bf16 matmuls are ~60x slower than fp32: nothing worth timing.
+        print("bf16 skipped: this CPU has no native bf16 matrix multiply (AVX-512 or AMX)",
+              file=sys.stderr)
+        dtypes.remove("bf16")
+    for dtype in dtypes:
         tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         peaks[dtype] = matmul_peak(device, tdtype, n=4096 if gpu else 1024)
         sheet = (peak_flops(TrainConfig(), device, tdtype if dtype == "bf16" else None)

@@ -22,6 +22,7 @@ from kotonoha.data.shards import prepare
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, preset
 from kotonoha.tokenizer import train_bpe
+from kotonoha.train import loop
 from kotonoha.train.loop import TrainConfig, lr_at, param_groups
 from kotonoha.train.pretrain import PretrainConfig, pretrain_main
 
@@ -152,13 +153,27 @@ def test_gradient_accumulation_matches_the_full_batch(data_dir: Path, tmp_path: 
         assert a[step] == pytest.approx(b[step], abs=1e-5)
 
 
-def test_bf16_autocast_on_cpu(data_dir: Path, tmp_path: Path) -> None:
+def test_bf16_autocast_on_cpu(data_dir: Path, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Autocast runs even where this CPU only emulates bf16 (slow, but 3 tiny steps).
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: True)
     fp32 = train_losses(pretrain_main(TINY, tiny(data_dir, tmp_path / "a", "train.steps=3"),
                                       False))
     bf16 = train_losses(pretrain_main(TINY, tiny(data_dir, tmp_path / "b", "train.steps=3",
                                                  "train.dtype=bf16"), False))
     for step in fp32:
         assert math.isfinite(bf16[step]) and bf16[step] == pytest.approx(fp32[step], abs=0.05)
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_that_would_emulate_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    cpu, cfg = torch.device("cpu"), TrainConfig(dtype="bf16")
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: True)
+    assert loop.autocast_dtype(cfg, cpu) == torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    assert loop.autocast_dtype(cfg, cpu) is None
+    assert "training in fp32" in capsys.readouterr().err
+    assert loop.autocast_dtype(TrainConfig(dtype="auto"), cpu) is None
 
 
 @pytest.mark.slow
