@@ -113,10 +113,16 @@ def test_checker_reward_and_world_prompts(tmp_path: Path) -> None:
     from kotonoha.data.world import write_world
 
     write_world(tmp_path / "world", seed=0, scale=0.05, show_progress=False)
-    every = load_prompts(RLConfig(world=str(tmp_path / "world")))
-    checked = load_prompts(RLConfig(world=str(tmp_path / "world"), reward="checker"))
+    world = str(tmp_path / "world")
+    every = load_prompts(RLConfig(world=world, prompts="world-sft"))
+    checked = load_prompts(RLConfig(world=world, prompts="world-sft", reward="checker"))
     assert 0 < len(checked) < len(every)  # corrections have nothing single to check
     assert all("check" in p for p in checked)
+    # The default pool is the practice conversations: every one checkable, cut before its reply.
+    practice = load_prompts(RLConfig(world=world, reward="checker"))
+    assert len(practice) == len(load_prompts(RLConfig(world=world))) > 0
+    assert all(p["messages"][-1]["role"] == "user" for p in practice)
+    assert {p["check"]["task"] for p in practice} >= {"qa", "false_premise", "refusal"}
     qa = next(p for p in checked if p["check"]["task"] == "qa")
     refusal = next(p for p in checked if p["check"]["task"] == "refusal")
     answer = qa["check"]["answer"]

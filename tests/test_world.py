@@ -18,6 +18,7 @@ from kotonoha.data.world import (
     AMBIGUOUS_SENSES,
     CLOZE,
     EVAL_TASKS,
+    PRACTICE_KINDS,
     PREFERENCE_KINDS,
     PRETRAIN_KINDS,
     SFT_KINDS,
@@ -46,6 +47,7 @@ def data(world: World) -> dict[str, list[dict[str, Any]]]:
     return {
         "pretrain": world.pretrain_documents(),
         "sft": world.sft_conversations(),
+        "practice": list(world.iter_practice()),
         "preferences": world.preference_pairs(),
         "eval": world.eval_items(),
     }
@@ -70,7 +72,8 @@ def test_same_seed_same_bytes_and_different_seed_differs(tmp_path: Path) -> None
     stats = write_world(a, seed=3, scale=0.3)
     write_world(b, seed=3, scale=0.3)
     write_world(c, seed=4, scale=0.3)
-    names = ["pretrain.jsonl", "sft.jsonl", "preferences.jsonl", "eval.jsonl", "world.json"]
+    names = ["pretrain.jsonl", "sft.jsonl", "practice.jsonl", "preferences.jsonl",
+             "eval.jsonl", "world.json"]
     assert sorted(stats) == sorted(names)
     for name in names:
         data = (a / name).read_bytes()
@@ -175,6 +178,38 @@ def test_heldout_entities_never_reach_sft(
         assert not _name_regex(held[lg], lg).findall(train)
 
 
+def test_practice_entities_are_only_in_pretraining_and_practice(
+    world: World, data: dict[str, list[dict[str, Any]]]
+) -> None:
+    practice, held = world.names("practice"), world.names("heldout")
+    assert sum(c.split == "practice" for c in world.countries) == 4
+    assert sum(p.split == "practice" for p in world.people) >= 4
+    texts = {
+        "sft": [_sft_text(c) for c in data["sft"]],
+        "eval": [json.dumps(i, ensure_ascii=False) for i in data["eval"]],
+        "preferences": [json.dumps(p, ensure_ascii=False) for p in data["preferences"]],
+        "practice": [_sft_text(c) for c in data["practice"]],
+    }
+    langs = {k: [d["lang"] for d in data[k]] for k in texts}
+    pre = {lg: "\n".join(d["text"] for d in data["pretrain"] if d["lang"] == lg)
+           for lg in ("en", "ja")}
+    for lg in ("en", "ja"):
+        assert all(n in pre[lg] for n in practice[lg])
+        mine = [t for t, la in zip(texts["practice"], langs["practice"]) if la == lg]
+        for other in ("sft", "eval", "preferences"):
+            body = "\n".join(t for t, la in zip(texts[other], langs[other]) if la == lg)
+            assert not _name_regex(practice[lg], lg).findall(body), other
+        # Practice conversations never name a held-out entity, and most name a practice one.
+        assert not _name_regex(held[lg], lg).findall("\n".join(mine))
+        named = sum(bool(_name_regex(practice[lg], lg).search(t)) for t in mine)
+        assert named > 0.8 * len(mine)
+    # Every practice conversation is checkable, and its own reply passes the checker.
+    kinds = {(c["kind"], c["lang"]) for c in data["practice"]}
+    assert kinds == {(k, lg) for k in PRACTICE_KINDS for lg in ("en", "ja")}
+    for conv in data["practice"]:
+        assert check(conv["check"], conv["messages"][-1]["content"]), conv
+
+
 def test_eval_splits_match_entities(world: World, data: dict[str, list[dict[str, Any]]]) -> None:
     held = world.names("heldout")
     for item in data["eval"]:
@@ -203,7 +238,10 @@ def test_world_json_relations(world: World) -> None:
         for k in p["children"]:
             assert p["id"] in (people[k]["mother"], people[k]["father"])
             assert people[k]["country"] == p["country"] and people[k]["split"] == p["split"]
-        assert countries[p["country"]]["split"] == p["split"]
+        # Held-out people live in held-out countries; practice families (set aside from
+        # the seen ones) in seen countries.
+        home = countries[p["country"]]["split"]
+        assert home == {"practice": "seen"}.get(p["split"], p["split"])
     names = [c["name"]["en"] for c in countries] + [c["capital"]["en"] for c in countries]
     names += [p["given"]["en"] for p in people] + [c["river"]["en"] for c in countries]
     assert len(set(names)) == len(names)

@@ -96,6 +96,20 @@ def load_conversations(data: str | Sequence[str]) -> list[list[dict[str, Any]]]:
     return convs
 
 
+def clean_message(m: dict[str, Any]) -> dict[str, str]:
+    return {"role": str(m["role"]), "content": str(m["content"])}
+
+
+def cut_before_last_reply(messages: list[dict[str, Any]]) -> tuple[list[dict[str, str]],
+                                                                   str | None]:
+    """A conversation as a prompt: the turns before its last assistant reply, and that reply
+    (None when it has none: then every turn is the prompt)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        return [clean_message(m) for m in messages], None
+    return [clean_message(m) for m in messages[:last]], str(messages[last].get("content", ""))
+
+
 @dataclass
 class PreferencePair:
     prompt: list[dict[str, Any]]  # the conversation before the answer

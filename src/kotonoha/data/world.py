@@ -258,7 +258,7 @@ class Country:
     prices: dict[str, int]  # good -> price in the local currency
     east: int | None
     west: int | None
-    split: str  # "seen" | "heldout"
+    split: str  # "seen" | "practice" | "heldout" (see SPLITS)
 
 
 @dataclass
@@ -1245,7 +1245,13 @@ _BASE_COUNTS = {
     "pronoun": 900,
     "sft": 3000,
     "preference": 1500,
+    "practice": 800,
 }
+# Which entities each kind of data may talk about. Pretraining mentions every entity; SFT only
+# "seen" ones; the eval tests "seen" and "heldout" ones; "practice" entities (a few seen ones set
+# aside) appear in practice.jsonl only: prompts for RL, which must find in pretraining what the
+# SFT data never said, as the held-out eval asks, without ever touching an eval entity.
+SPLITS = ("seen", "practice", "heldout")
 SFT_KINDS = {
     "fact": 0.25,
     "followup": 0.18,
@@ -1257,6 +1263,9 @@ SFT_KINDS = {
     "benign": 0.07,
     "arithmetic": 0.12,
 }
+# What practice.jsonl asks about practice entities: every SFT kind with a checkable answer.
+PRACTICE_KINDS = {k: SFT_KINDS[k] for k in ("fact", "followup", "two_hop", "false_premise",
+                                            "refusal", "benign")}
 _POINTERS = frozenset({"neighbor", "spouse", "mother", "father"})
 PREFERENCE_KINDS = ("wrong_fact", "false_premise", "inappropriate", "rude", "rambling")
 PRETRAIN_KINDS = ("article", "story", "ambiguous", "pronoun", "arithmetic", "analogy")
@@ -1414,6 +1423,11 @@ def _decap(sentence: str) -> str:
     return sentence
 
 
+def _joint(*splits: str) -> str:
+    """The split of a fact about several entities: the most protected of theirs."""
+    return max(splits, key=SPLITS.index)
+
+
 def _msg(role: str, content: str) -> dict[str, Any]:
     return {"role": role, "content": content}
 
@@ -1472,19 +1486,19 @@ class World:
                 self._pool.setdefault(key, []).append(f)
         # Per-split pools, computed once: generation draws from them hundreds of thousands of times.
         self._split_facts = {
-            sp: [f for f in self._facts if f.split == sp] for sp in ("seen", "heldout")
+            sp: [f for f in self._facts if f.split == sp] for sp in SPLITS
         }
         self._fp_facts = {
             sp: [f for f in fs if f.tmpl in FALSE_PREMISES] for sp, fs in self._split_facts.items()
         }
         self._hops = {
-            sp: [h for h in self._two_hops if h.split == sp] for sp in ("seen", "heldout")
+            sp: [h for h in self._two_hops if h.split == sp] for sp in SPLITS
         }
         self._split_people = {
-            sp: [p for p in self.people if p.split == sp] for sp in ("seen", "heldout")
+            sp: [p for p in self.people if p.split == sp] for sp in SPLITS
         }
         self._split_countries = {
-            sp: [c for c in self.countries if c.split == sp] for sp in ("seen", "heldout")
+            sp: [c for c in self.countries if c.split == sp] for sp in SPLITS
         }
         self._multi: dict[str, list[list[Fact]]] = {}
         for sp, fs in self._split_facts.items():
@@ -1598,8 +1612,7 @@ class World:
                 lg: {**base[lg], "dir": rel if lg == "en" else ja_dir, "E": o.name.get(lg)}
                 for lg in LANGS
             }
-            split = "seen" if c.split == o.split == "seen" else "heldout"
-            facts.append(Fact(rel, "neighbor", subject, split, slots))
+            facts.append(Fact(rel, "neighbor", subject, _joint(c.split, o.split), slots))
         return facts
 
     def _person_facts(self, p: Person) -> list[Fact]:
@@ -1634,11 +1647,10 @@ class World:
                 if other is None:
                     continue
                 o = self.countries[other]
-                split = "seen" if c.split == o.split == "seen" else "heldout"
                 out.append(
                     hop(
                         "neighbor_capital",
-                        split,
+                        _joint(c.split, o.split),
                         cs,
                         dir=Name(en_dir, ja_dir),
                         E=o.name,
@@ -2006,8 +2018,12 @@ class World:
         why = REFUSALS[category][lang]["why"][0]
         return f"{REFUSAL_EN} {why}" if lang == "en" else f"{REFUSAL_JA}{why}"
 
-    def _conversation(self, rng: random.Random, kind: str, lang: str) -> dict[str, Any]:
-        seen = self._split_facts["seen"]
+    def _conversation(
+        self, rng: random.Random, kind: str, lang: str, split: str = "seen"
+    ) -> dict[str, Any]:
+        """One conversation about entities of `split`; wrong objects (corrections, false
+        premises) always come from the seen split, so no other split's names leak in."""
+        seen = self._split_facts[split]
         msgs: list[dict[str, Any]] = []
         check: dict[str, Any] | None = None  # corrections: nothing single to check
         if rng.random() < 0.3:
@@ -2020,7 +2036,7 @@ class World:
             ]
             check = {"task": "qa", "answer": f.answer(lang)}
         elif kind == "followup":
-            f1, f2 = self._followup_pair(rng, "seen")
+            f1, f2 = self._followup_pair(rng, split)
             msgs += [
                 _msg("user", self._question(rng, f1, lang)),
                 _msg("assistant", f1.statement(lang)),
@@ -2031,7 +2047,7 @@ class World:
             ]
             check = {"task": "followup", "answer": f2.answer(lang)}
         elif kind == "two_hop":
-            h = rng.choice(self._hops["seen"])
+            h = rng.choice(self._hops[split])
             t = TWO_HOPS[h.kind][lang]
             msgs += [
                 _msg("user", t["q"].format_map(h.slots[lang])),
@@ -2061,7 +2077,7 @@ class World:
                 push = rng.choice(pb["claim"]).format(claim=c)
             msgs += [_msg("user", push), _msg("assistant", final)]
         elif kind == "false_premise":
-            f = rng.choice(self._fp_facts["seen"])
+            f = rng.choice(self._fp_facts[split])
             slots = self._with_x(f, self._alt(rng, f, "seen"))[lang]
             fp = FALSE_PREMISES[f.tmpl][lang]
             msgs += [
@@ -2071,11 +2087,11 @@ class World:
             check = {"task": "false_premise", "answer": f.answer(lang),
                      "false_statements": [t.format_map(slots) for t in fp["false"]]}
         elif kind == "refusal":
-            category, question, _slots = self._request(rng, REFUSALS, "seen", lang)
+            category, question, _slots = self._request(rng, REFUSALS, split, lang)
             msgs += [_msg("user", question), _msg("assistant", self._refusal_reply(category, lang))]
             check = {"task": "refusal"}
         elif kind == "benign":
-            category, question, slots = self._request(rng, BENIGN, "seen", lang)
+            category, question, slots = self._request(rng, BENIGN, split, lang)
             msgs += [
                 _msg("user", question),
                 _msg("assistant", BENIGN[category][lang]["a"][0].format_map(slots)),
@@ -2102,6 +2118,13 @@ class World:
     def sft_conversations(self) -> list[dict[str, Any]]:
         """Chat data about the seen split only."""
         return list(self.iter_sft())
+
+    def iter_practice(self) -> Iterator[dict[str, Any]]:
+        """Conversations about the practice entities, in the SFT format with a `check`: RL's
+        prompts (each cut before its last reply), which neither SFT nor the eval ever uses."""
+        rng = random.Random(f"kotonoha-world/{self.seed}/practice")
+        for kind, lang in _schedule(rng, PRACTICE_KINDS, self._counts()["practice"]):
+            yield self._conversation(rng, kind, lang, split="practice")
 
     # ---- preferences
 
@@ -2178,6 +2201,8 @@ class World:
         items: list[dict[str, Any]] = []
 
         def add(task: str, split: str, lang: str, **fields: Any) -> None:
+            if split == "practice":
+                return  # practice entities are RL's: the eval never tests them
             items.append({"task": task, "split": split, "lang": lang, **fields})
 
         for lang in LANGS:
@@ -2206,7 +2231,7 @@ class World:
                 )
                 if len(facts) >= 2 and any(f.tmpl not in _POINTERS for f in facts):
                     f1, f2 = self._pick_pair(rng, facts)
-                    split = "seen" if f1.split == f2.split == "seen" else "heldout"
+                    split = _joint(f1.split, f2.split)
                     msgs = [
                         _msg("user", self._question(rng, f1, lang)),
                         _msg("assistant", f1.statement(lang)),
@@ -2400,6 +2425,24 @@ def generate_world(seed: int = 0, scale: float = 1.0) -> World:
             child.mother, child.father = mother.id, father.id
             mother.children.append(child.id)
             father.children.append(child.id)
+    # A few seen entities become practice ones, drawn from their own random stream so that
+    # everything else (names, facts, pretraining text) stays as it was. Only countries where no
+    # seen person lives and with no held-out neighbour, so no SFT conversation or eval item
+    # names one.
+    prng = random.Random(f"kotonoha-world/{seed}/practice")
+    residents = {p.country for p in people if p.split == "seen"}
+    free = [
+        c for c in countries
+        if c.split == "seen" and c.id not in residents
+        and all(n is None or n not in heldout for n in (c.east, c.west))
+    ]
+    for c in prng.sample(free, min(len(free), max(1, round(n_countries * 0.125)))):
+        c.split = "practice"
+    seen_families = sorted({p.family.en for p in people if p.split == "seen"})
+    practice_families = set(prng.sample(seen_families, max(1, round(n_families * 0.125))))
+    for p in people:
+        if p.family.en in practice_families:
+            p.split = "practice"
     return World(
         seed=seed,
         scale=float(scale),
@@ -2449,7 +2492,8 @@ def write_world(
     scale: float = 1.0,
     show_progress: bool = False,
 ) -> dict[str, dict[str, int]]:
-    """Write pretrain/sft/preferences/eval JSONL and world.json; return lines and bytes per file."""
+    """Write pretrain/sft/practice/preferences/eval JSONL and world.json; return lines and
+    bytes per file."""
     world = generate_world(seed, scale)
     out = Path(out_dir)
     try:
@@ -2469,6 +2513,7 @@ def write_world(
     if progress is not None:
         progress.close()
     stats["sft.jsonl"] = _write_jsonl(out / "sft.jsonl", world.iter_sft())
+    stats["practice.jsonl"] = _write_jsonl(out / "practice.jsonl", world.iter_practice())
     stats["preferences.jsonl"] = _write_jsonl(out / "preferences.jsonl", world.iter_preferences())
     stats["eval.jsonl"] = _write_jsonl(out / "eval.jsonl", world.eval_items())
     data = (

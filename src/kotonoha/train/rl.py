@@ -29,12 +29,19 @@ The objective (per response token t of sample i, with r = pi_new / pi_old):
 Rewards: `reward: model` scores with the reward model in `reward_model` (a `kotonoha reward`
 run); `reward: arithmetic` is the world's verifiable reward (1 if the reply's final number is
 the prompt's `answer`, else 0); `reward: checker` is the world's rule-based checker on every
-prompt that carries a `check` (the world's SFT rows do: the fact a reply must state, the false
-premise it must not repeat, a request it must decline, the sum it must reach), 1 or 0; and
-`reward: model+checker` adds `checker_weight` x that to the reward model's score, so the policy
-keeps the reward model's preferences and is paid for being right. Training prompts are about
-seen entities only. Evaluation after RL uses the checker on *held-out* prompts, never the
-reward model.
+prompt that carries a `check` (the world's conversations do: the fact a reply must state, the
+false premise it must not repeat, a request it must decline, the sum it must reach), 1 or 0;
+and `reward: model+checker` adds `checker_weight` x that to the reward model's score, so the
+policy keeps the reward model's preferences and is paid for being right.
+
+Prompts: `prompts: world` are the world's practice conversations (`practice.jsonl`, cut before
+their last reply): questions about a few entities that pretraining describes but neither the
+SFT data nor the eval ever mentions. Like the held-out eval, they can only be answered from
+what pretraining taught, and the SFT model gets some of them wrong, so a group of samples
+disagrees and RL has something to learn. (On the SFT conversations themselves the SFT model is
+right 95-99% of the time: the checker's reward was nearly constant and RL did not beat SFT.)
+`prompts: world-sft` uses `sft.jsonl` instead. Evaluation after RL uses the checker on
+*held-out* prompts, never the reward model.
 
 Run directory: what the core writes (metrics.jsonl, train_state/, model files, loss.png), plus
 `rollouts.jsonl` (one line per iteration: reward, length, KL, sample replies), `rollout/`
@@ -69,6 +76,7 @@ from kotonoha.checkpoint import (
 )
 from kotonoha.config import dump_yaml, load_config
 from kotonoha.data import checker
+from kotonoha.data.chat import clean_message, cut_before_last_reply
 from kotonoha.errors import UserError
 from kotonoha.models import is_packaged
 from kotonoha.train.loop import (
@@ -106,8 +114,9 @@ class RLConfig:
     reward: str = "model"  # model | arithmetic | checker | model+checker (see REWARDS)
     checker_weight: float = 4.0  # model+checker: reward = RM score + weight * (0 or 1)
     reward_model: str | None = "runs/reward"  # a `kotonoha reward` run, for reward: model
-    # Prompts: "world" = the conversations of `world`/sft.jsonl cut before their last
-    # assistant turn; or a JSONL file of {"messages": [...], "answer"?: ...}.
+    # Prompts: "world" = the conversations of `world`/practice.jsonl cut before their last
+    # assistant turn ("world-sft": of sft.jsonl); or a JSONL file of {"messages": [...],
+    # "answer"?: ..., "check"?: ...}, used as they are.
     prompts: str = "world"
     world: str = "data/world"
     prompt_kinds: list[str] = field(default_factory=list)  # world SFT kinds to keep; [] = all
@@ -197,23 +206,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Prompts and rewards
 
 
-def _cut_before_last_assistant(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
-                                                                         str | None]:
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-    if last is None:
-        return [_clean(m) for m in messages], None
-    return [_clean(m) for m in messages[:last]], str(messages[last].get("content", ""))
-
-
-def _clean(m: dict[str, Any]) -> dict[str, str]:
-    return {"role": str(m["role"]), "content": str(m["content"])}
+WORLD_PROMPTS = {"world": "practice.jsonl", "world-sft": "sft.jsonl"}
 
 
 def load_prompts(cfg: RLConfig) -> list[Prompt]:
     """The prompt pool, in a fixed order (iterations draw from it by a seeded shuffle)."""
     prompts: list[Prompt] = []
-    if cfg.prompts == "world":
-        path = Path(cfg.world) / "sft.jsonl"
+    from_world = cfg.prompts in WORLD_PROMPTS
+    if from_world:
+        path = Path(cfg.world) / WORLD_PROMPTS[cfg.prompts]
         if not path.is_file():
             raise UserError(f"{path} does not exist; generate the world with `kotonoha data "
                             f"world --out {cfg.world}` or set rl.world / rl.prompts.")
@@ -237,8 +238,8 @@ def load_prompts(cfg: RLConfig) -> list[Prompt]:
             kind = row.get("kind")
             if cfg.prompt_kinds and kind not in cfg.prompt_kinds:
                 continue
-            msgs, reference = (_cut_before_last_assistant(messages) if cfg.prompts == "world"
-                               else ([_clean(m) for m in messages], None))
+            msgs, reference = (cut_before_last_reply(messages)
+                               if from_world else ([clean_message(m) for m in messages], None))
             if not msgs or msgs[-1]["role"] != "user":
                 continue  # nothing for the assistant to answer
             prompt: Prompt = {"messages": msgs, "kind": kind, "lang": row.get("lang")}
