@@ -6,15 +6,33 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from chat_testing import CONFIGS, FAST, greedy_replies, sft_model, write_jsonl
+from chat_testing import (
+    CONFIGS,
+    FAST,
+    PLACES,
+    answer,
+    assistant,
+    greedy_replies,
+    sft_model,
+    user,
+    write_jsonl,
+)
 from kotonoha.checkpoint import load_model
 from kotonoha.data.chat import PairData, load_preferences
 from kotonoha.errors import UserError
-from kotonoha.train.dpo import DPOConfig, dpo_loss, dpo_main, make_reference, sequence_logps
+from kotonoha.train.dpo import (
+    DPOConfig,
+    dpo_loss,
+    dpo_main,
+    make_reference,
+    mistake_pairs,
+    sequence_logps,
+)
 from kotonoha.train.lora import LoRAConfig, apply_lora
 from test_reward import preference_rows
 
@@ -101,3 +119,63 @@ def test_sft_weight_adds_the_chosen_replies_nll(tmp_path: Path) -> None:
     assert abs(metrics["nll_chosen"] - nll.item()) < 1e-4
     with pytest.raises(UserError, match="sft_weight"):
         DPOConfig(sft_weight=-1)
+
+
+def practice_rows() -> list[dict[str, Any]]:
+    """Checkable conversations: the capitals the model knows, two "new" capitals it cannot know,
+    and one row without a check (ignored)."""
+    rows = [{"messages": [user(f"What is the capital of {c}?"), assistant(answer(c))],
+             "check": {"task": "qa", "answer": PLACES[c]}, "kind": "fact"} for c in PLACES]
+    for c, new in (("Aru", "Zorp"), ("Cala", "Wexa")):
+        rows.append({"messages": [user(f"What is the capital of {c} now?"),
+                                  assistant(f"The capital of {c} is {new}.")],
+                     "check": {"task": "qa", "answer": new}, "kind": "fact"})
+    rows.append({"messages": [user("Hello"), assistant("Hello!")]})
+    return rows
+
+
+def test_mistakes_pairs_the_models_wrong_replies_with_the_right_ones(tmp_path: Path) -> None:
+    practice = write_jsonl(tmp_path / "practice.jsonl", practice_rows())
+    start = sft_model()
+    model, tok = load_model(start, dtype=torch.float32)
+    pairs, asked = mistake_pairs(model, tok, practice, max_new_tokens=24, context=64)
+    assert asked == len(PLACES) + 2
+    assert [p.chosen for p in pairs] == ["The capital of Aru is Zorp.",
+                                         "The capital of Cala is Wexa."]
+    # The rejected replies are exactly what the model says (as `kotonoha chat` would).
+    asked_new = [p.prompt[-1]["content"] for p in pairs]
+    assert [p.rejected for p in pairs] == greedy_replies(start, asked_new)
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows())
+    run = dpo_main(str(CONFIGS / "dpo-tiny.yaml"),
+                   [f"data={data}", f"mistakes={practice}", f"init_from={start}",
+                    f"out={tmp_path / 'dpo'}", "max_new_tokens=24", *FAST], False)
+    report = json.loads((run / "dpo_eval.json").read_text())
+    assert report["train_pairs"] == 2 and report["mistakes"]["asked"] == asked
+    assert report["test_pairs"] > 0  # `data` still supplies the held-out pairs
+    saved = [json.loads(line) for line in (run / "mistakes.jsonl").read_text().splitlines()]
+    assert [s["chosen"] for s in saved] == [p.chosen for p in pairs]
+    # The trained policy prefers the right replies to its old mistakes more than it did.
+    batch = PairData(tok, pairs, 64).batch(0, 2, range(2))
+    after, _ = load_model(run, dtype=torch.float32)
+
+    def margin(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            logps = sequence_logps(m, batch)
+        return float((logps[:2] - logps[2:]).mean())
+
+    assert margin(after) > margin(model) + 1
+
+
+def test_mistakes_needs_a_mistake(tmp_path: Path) -> None:
+    known = write_jsonl(tmp_path / "known.jsonl", practice_rows()[:len(PLACES)])
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows())
+    with pytest.raises(UserError, match="no mistakes"):
+        dpo_main(str(CONFIGS / "dpo-tiny.yaml"),
+                 [f"data={data}", f"mistakes={known}", f"init_from={sft_model()}",
+                  f"out={tmp_path / 'dpo'}", "max_new_tokens=24", *FAST], False)
+    unchecked = write_jsonl(tmp_path / "plain.jsonl", practice_rows()[-1:])
+    with pytest.raises(UserError, match="check"):
+        dpo_main(str(CONFIGS / "dpo-tiny.yaml"),
+                 [f"data={data}", f"mistakes={unchecked}", f"init_from={sft_model()}",
+                  f"out={tmp_path / 'dpo2'}", *FAST], False)

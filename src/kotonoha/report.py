@@ -263,8 +263,11 @@ def stage_notes(data: dict[str, Any]) -> list[str]:
     dpo = data.get("dpo")
     if dpo and "before" in dpo and "after" in dpo:
         b, a = dpo["before"], dpo["after"]
-        notes.append(f"DPO (beta {dpo.get('beta')}): on held-out pairs the policy prefers the "
-                     f"chosen reply {_pct(b.get('val_logp_accuracy'))} → "
+        m = dpo.get("mistakes")
+        trained_on = (f"trained on the SFT model's {m['wrong']} wrong greedy replies to "
+                      f"{m['asked']} practice questions; " if m else "")
+        notes.append(f"DPO (beta {dpo.get('beta')}): {trained_on}on held-out pairs the policy "
+                     f"prefers the chosen reply {_pct(b.get('val_logp_accuracy'))} → "
                      f"{_pct(a.get('val_logp_accuracy'))}; log-prob margin "
                      f"{b.get('val_logp_margin', 0):.2f} → {a.get('val_logp_margin', 0):.2f}.")
     return notes

@@ -9,14 +9,23 @@ the chosen reply's likelihood relative to the rejected one's, measured against t
 the policy cannot drift far for free. Same data as `kotonoha reward`; "test" pairs are held
 out and `dpo_eval.json` compares them before and after. With `lora`, the reference is the same
 network with its adapters switched off, so no second copy of the model is kept.
+
+`mistakes: FILE` trains on the starting model's own mistakes instead of `data`'s train pairs:
+it answers every conversation of FILE that carries a `check` (the world's `practice.jsonl`:
+questions about entities that neither SFT nor the eval ever names) greedily through the shared
+engine; each reply the world's rule-based checker rejects becomes a pair, with the
+conversation's own reply as the chosen one (`mistakes.jsonl` in the run directory). This is the
+checker's one use in DPO, as `reward: checker` is RL's: it picks which pairs to train on,
+about entities the eval never uses. `data` still supplies the held-out "test" pairs.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +33,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kotonoha.checkpoint import atomic_write_json
+from kotonoha.checkpoint import atomic_write_json, atomic_write_text
 from kotonoha.config import load_config
-from kotonoha.data.chat import PairData, train_test_pairs
+from kotonoha.data.chat import (
+    PairData,
+    PreferencePair,
+    cut_before_last_reply,
+    read_jsonl,
+    train_test_pairs,
+)
 from kotonoha.errors import UserError
 from kotonoha.model import flops_per_token
 from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed, module_main
@@ -59,6 +74,10 @@ class DPOConfig:
     # sigmoid loss alone can lower the chosen replies' likelihood too, as long as the
     # rejected ones fall faster; this term keeps the chosen ones likely.
     sft_weight: float = 0.0
+    # A conversation file with checks: train on the starting model's wrong greedy replies to
+    # it (see the module docstring); None = the train pairs of `data`.
+    mistakes: str | None = None
+    max_new_tokens: int = 64  # the greedy replies' length limit, for `mistakes`
     epochs: float | None = None  # when set it decides train.steps
     lora: str | LoRAConfig | None = None
     merge_lora: bool = True
@@ -135,6 +154,44 @@ def evaluate_dpo(policy: LogpFn | None, reference: LogpFn, data: PairData, micro
             "val_logp_accuracy": (diff > 0).float().mean().item()}
 
 
+@torch.no_grad()
+def mistake_pairs(model: nn.Module, tok: Any, path: str | Path, max_new_tokens: int,
+                  context: int, batch_size: int = 32) -> tuple[list[PreferencePair], int]:
+    """The model's wrong greedy replies to the checkable conversations of `path`, each against
+    the conversation's own reply; and how many conversations were asked."""
+    from kotonoha.data import checker
+    from kotonoha.engine import Engine
+    from kotonoha.sampling import SamplingParams
+
+    rows = []
+    for _, obj in read_jsonl(path):
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not isinstance(obj.get("check"), dict):
+            continue
+        prompt, reply = cut_before_last_reply(messages)
+        if reply is None or not prompt:
+            continue
+        ids = tok.encode_chat(prompt, add_generation_prompt=True)[0]
+        if len(ids) + max_new_tokens <= context:
+            rows.append((prompt, reply, obj, ids))
+    if not rows:
+        raise UserError(f"{path} has no conversation with a \"check\" and an assistant reply "
+                        "that fits the context; mistakes needs the world's practice.jsonl or "
+                        "conversations in its format.")
+    was_training = model.training
+    engine = Engine(model, tok, max_batch_size=batch_size)  # puts the model in eval mode
+    try:
+        comps = engine.generate([ids for *_, ids in rows],
+                                [SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+                                 for _ in rows])
+    finally:
+        model.train(was_training)
+    pairs = [PreferencePair(prompt, reply, c.text, kind=obj.get("kind"))
+             for (prompt, reply, obj, _), c in zip(rows, comps)
+             if not checker.check(obj["check"], c.text) and c.text.strip() != reply.strip()]
+    return pairs, len(rows)
+
+
 def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     """Optimise the policy on preference pairs; return the run directory (a model dir)."""
     run_dir = Path(cfg.out)
@@ -144,6 +201,17 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     d = init_distributed(cfg.train.device)
     model, tok = load_chat_model(cfg.init_from, cfg.chat_template)
     ctx = context_for(model, cfg.context_length)
+    asked = None
+    if cfg.mistakes:
+        train_pairs, asked = mistake_pairs(model.to(d.device), tok, cfg.mistakes,
+                                           cfg.max_new_tokens, ctx)
+        if not train_pairs:
+            raise UserError(f"{cfg.init_from} answered all {asked} conversations of "
+                            f"{cfg.mistakes} correctly: no mistakes to learn from.")
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "mistakes.jsonl", "".join(
+                json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in train_pairs))
     train = PairData(tok, train_pairs, ctx, seed=cfg.train.seed)
     test = PairData(tok, test_pairs, ctx) if test_pairs else None
     steps_for(cfg.train, cfg.epochs, len(train))
@@ -175,6 +243,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     )
     report: dict[str, Any] = {"train_pairs": len(train), "test_pairs": len(test_pairs),
                               "beta": cfg.beta}
+    if asked is not None:
+        report["mistakes"] = {"asked": asked, "wrong": len(train_pairs), "file": cfg.mistakes}
     if test is not None:  # the reference *is* the starting policy: "before" needs no training
         with trainer.autocast():
             report["before"] = evaluate_dpo(None, reference, test, micro, cfg.beta, d.device)
