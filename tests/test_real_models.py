@@ -193,8 +193,10 @@ def test_tokenizers_match_llama_cpp(smollm2: SimpleNamespace, gemma: SimpleNames
     ("smollm2", "int4", 0.5), ("smollm2", "int8", 0.5), ("gemma3-270m", "int8", 0.5)])
 def test_quantized_real_models_track_fp32(name: str, mode: str, bound: float,
                                           request: pytest.FixtureRequest) -> None:
-    """--quantize keeps the next-token choice and the top-5 log-probabilities close to the
-    dequantized fp32 model (measured: SmolLM2 int4 0.22, int8 0.29; Gemma int8 0.36). Gemma's
+    """--quantize keeps the next-token choice (one of the two best where those are nearly tied)
+    and the top-5 log-probabilities close to the dequantized fp32 model (measured: SmolLM2
+    int4 0.22, int8 0.29; Gemma int8 0.36; on an AVX2-only CPU int8 flipped the code prompt's
+    0.04-nat tie with a drift of 0.1). Gemma's
     Q4_K_M file does not sit on int4's min/max grid, so int4 drifts there (2.2): use int8."""
     m = request.getfixturevalue("smollm2" if name == "smollm2" else "gemma")
     quantized = quantize_model(load_gguf(models.resolve(name))[0], mode)
@@ -204,7 +206,11 @@ def test_quantized_real_models_track_fp32(name: str, mode: str, bound: float,
         with torch.no_grad():
             ref = torch.log_softmax(m.ours(ids)[0, -1].float(), -1)
             out = torch.log_softmax(quantized(ids)[0, -1].float(), -1)
-        assert out.argmax() == ref.argmax(), p
+        top2 = ref.topk(2)
+        if top2.values[0] - top2.values[1] > bound:
+            assert out.argmax() == ref.argmax(), p
+        else:  # a near-tie (0.04 nats on the code prompt): any kernel's rounding may flip it
+            assert out.argmax() in top2.indices, p
         top = ref.topk(5).indices
         worst = max(worst, (out[top] - ref[top]).abs().max().item())
     assert worst < bound
