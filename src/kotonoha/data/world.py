@@ -1,8 +1,9 @@
 """The built-in world: a seeded, fictional, self-consistent bilingual corpus.
 
 `generate_world(seed, scale)` invents countries, people, jobs, prices and dates; the
-`World` then renders them as pretraining text, SFT conversations, preference pairs and
-eval items in English and Japanese. `write_world` writes all of it as JSONL.
+`World` then renders them as pretraining text, SFT conversations, practice conversations
+(for RL and DPO), preference pairs and eval items in English and Japanese. `write_world`
+writes all of it as JSONL.
 
 Everything is drawn from `random.Random` instances seeded with strings (hashed with
 SHA-512 by the standard library, so no hash randomisation), and only lists are iterated,
