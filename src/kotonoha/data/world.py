@@ -2024,13 +2024,13 @@ class World:
     ) -> dict[str, Any]:
         """One conversation about entities of `split`; wrong objects (corrections, false
         premises) always come from the seen split, so no other split's names leak in."""
-        seen = self._split_facts[split]
+        facts = self._split_facts[split]
         msgs: list[dict[str, Any]] = []
         check: dict[str, Any] | None = None  # corrections: nothing single to check
         if rng.random() < 0.3:
             msgs.append(_msg("system", SYSTEM_PROMPTS[lang]))
         if kind == "fact":
-            f = rng.choice(seen)
+            f = rng.choice(facts)
             msgs += [
                 _msg("user", self._question(rng, f, lang)),
                 _msg("assistant", f.statement(lang)),
@@ -2056,7 +2056,7 @@ class World:
             ]
             check = {"task": "two_hop", "answer": h.answer(lang)}
         elif kind in ("correction_wrong", "correction_right"):
-            f = rng.choice(seen)
+            f = rng.choice(facts)
             wrong = self._alt(rng, f, "seen")
             right_text = f.statement(lang)
             wrong_text = STATEMENTS[f.tmpl][lang][0].format_map(wrong[lang])
