@@ -31,6 +31,8 @@ from kotonoha.data.chat import (
     encode_conversation,
     ensure_chat_template,
     load_conversations,
+    pack_rows,
+    pad,
     repeat_by_kind,
 )
 from kotonoha.data.world import generate_world
@@ -82,6 +84,39 @@ def test_loss_ignores_the_user_tokens() -> None:
     assert torch.equal(sft_loss(model, other)[0], loss)  # user/template targets: no effect
     other = dict(batch, y=torch.where(masked, batch["y"], (batch["y"] + 7) % tok.vocab_size))
     assert not torch.allclose(sft_loss(model, other)[0], loss)  # assistant targets: do count
+
+
+def test_padding_free_batches_match_padded_ones() -> None:
+    """A step's examples laid end to end (segments, restarting positions) give the loss and
+    gradients of the same examples right-padded into a row each, in fewer token slots."""
+    tok = tokenizer()
+    convs = [c["messages"] for c in conversations()]
+    data = SFTData(tok, convs, 128, replay=["A long replay document. " * 12])
+    idx = [len(data) - 1, *range(7)]  # the long document among seven short conversations
+    batch = dict(data.collate(idx), scale=torch.tensor(0.01))
+    ids = pad([data.examples[i][0] for i in idx], data.pad_id)
+    mask = pad([data.examples[i][1] for i in idx], 0)
+    padded = {"x": ids[:, :-1], "y": ids[:, 1:], "mask": mask[:, 1:].float(),
+              "scale": torch.tensor(0.01)}
+    assert batch["x"].numel() < 0.7 * padded["x"].numel()
+    assert batch["x"].shape[1] <= 128 and batch["mask"].sum() == padded["mask"].sum()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size, context_length=128))
+    grads = []
+    for b in (batch, padded):
+        model.zero_grad()
+        loss, _ = sft_loss(model, b)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_pack_rows_fills_rows_longest_first() -> None:
+    rows = pack_rows([5, 9, 3, 4, 2], 10)
+    assert rows == [[1], [0, 3], [2, 4]]  # 9 | 5 + 4 | 3 + 2
+    assert sorted(i for r in rows for i in r) == list(range(5))
 
 
 def test_an_all_masked_batch_gives_zero_loss_and_zero_gradients() -> None:

@@ -211,7 +211,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple | None,
                 cache: KVCache | None, rows: torch.Tensor | None, kv_len: int,
-                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_weights: bool = False, segments: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -229,11 +230,13 @@ class Attention(nn.Module):
             if self.window is not None:
                 mask &= key_pos[None, None, :] > pos[:, :, None] - self.window
             mask = mask[:, None]
-        elif self.window is not None or return_weights:
+        elif self.window is not None or return_weights or segments is not None:
             i = torch.arange(T, device=x.device)
             mask = i[None, :] <= i[:, None]
             if self.window is not None:
                 mask &= i[None, :] > i[:, None] - self.window
+            if segments is not None:  # a packed row: each sequence sees only itself
+                mask = (mask & (segments[:, :, None] == segments[:, None, :]))[:, None]
         else:
             mask = None  # plain causal: lets SDPA pick its fused kernel
 
@@ -294,8 +297,9 @@ class Block(nn.Module):
             self.mlp_post_norm = make_norm(cfg, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, pos, rope, cache, rows, kv_len, return_weights=False):
-        a, weights = self.attn(self.attn_norm(x), pos, rope, cache, rows, kv_len, return_weights)
+    def forward(self, x, pos, rope, cache, rows, kv_len, return_weights=False, segments=None):
+        a, weights = self.attn(self.attn_norm(x), pos, rope, cache, rows, kv_len, return_weights,
+                               segments)
         if self.post_norms:
             a = self.attn_post_norm(a)
         x = x + self.drop(a)
@@ -362,7 +366,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, rows: torch.Tensor | None = None,
-                kv_len: int | None = None, output_hidden_states: bool = False,
+                kv_len: int | None = None, segments: torch.Tensor | None = None,
+                output_hidden_states: bool = False,
                 output_attentions: bool = False) -> torch.Tensor | ForwardOutput:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
@@ -370,6 +375,9 @@ class Transformer(nn.Module):
         `positions` (B, T) says where each token sits in its row of the cache, `rows` (B,)
         which cache rows these are, and `kv_len` how much of the cache to attend over
         (defaults to the whole cache, which keeps shapes static for torch.compile).
+        `segments` (B, T), without a cache, packs several sequences into one row: a token
+        attends only to earlier tokens with the same segment id, and `positions` should then
+        restart at 0 for each sequence (padding-free batches, see data/chat.py).
         Asking for hidden states or attentions returns a `ForwardOutput`.
         """
         B, T = idx.shape
@@ -383,6 +391,8 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=idx.device).expand(B, T)
         if cache is not None:
             kv_len = cache.max_len if kv_len is None else kv_len
+            if segments is not None:
+                raise ValueError("segments pack sequences for training; a cache holds one per row")
 
         x = self.embed(idx)
         if cfg.embed_scale:
@@ -399,7 +409,7 @@ class Transformer(nn.Module):
         hidden, attentions = [], []
         for block in self.blocks:
             rope = rope_local if block.attn.window is not None else rope_global
-            x, w = block(x, positions, rope, cache, rows, kv_len, output_attentions)
+            x, w = block(x, positions, rope, cache, rows, kv_len, output_attentions, segments)
             if output_hidden_states:
                 hidden.append(x)
             if w is not None:

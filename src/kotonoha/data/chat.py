@@ -303,13 +303,20 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 
 class SFTData:
-    """Encoded conversations, truncated to the context, optionally packed, as (x, y, mask)."""
+    """Encoded conversations, truncated to the context, optionally packed, as (x, y, mask).
+
+    Batches are padding-free: the step's examples are laid end to end in as few rows of
+    `context` tokens as they fit in, with `segments` (which example each token belongs to)
+    and `positions` (restarting at 0 per example), so that each example is computed exactly
+    as if it had its own row. Padding every example to the longest of the step instead wasted
+    half the work on the world's SFT set (short conversations next to long replay documents).
+    """
 
     def __init__(self, tok: Tokenizer, convs: list[list[dict[str, Any]]], context: int, *,
                  pack: bool = False, seed: int = 0, replay: Sequence[str] = ()) -> None:
         """`replay`: plain documents mixed in with loss on every token, framed by the
         end-of-text token as in the pretraining shards (keeps pretraining knowledge alive)."""
-        self.seed = seed
+        self.seed, self.context = seed, context
         self.pad_id = pad_id(tok)
         encoded = [encode_conversation(tok, msgs) for msgs in convs]
         if replay:
@@ -338,9 +345,25 @@ class SFTData:
         return len(self.examples)
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        ids = pad([self.examples[i][0] for i in idx], self.pad_id)
-        mask = pad([self.examples[i][1] for i in idx], 0)
-        return {"x": ids[:, :-1], "y": ids[:, 1:], "mask": mask[:, 1:].float()}
+        """Examples `idx` in padding-free rows: x, y, mask, positions and segments, each
+        (rows, width). Filler tokens after the last example of a row have mask 0 and
+        segment -1."""
+        rows = pack_rows([len(self.examples[i][0]) - 1 for i in idx], self.context)
+        width = max(sum(len(self.examples[idx[j]][0]) - 1 for j in row) for row in rows)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        y, segments = x.clone(), torch.full_like(x, -1)
+        mask, positions = torch.zeros(x.shape), torch.zeros_like(x)
+        for r, row in enumerate(rows):
+            start = 0
+            for j in row:
+                ids, m = self.examples[idx[j]]
+                end = start + len(ids) - 1
+                x[r, start:end], y[r, start:end] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+                mask[r, start:end] = torch.tensor(m[1:], dtype=mask.dtype)
+                positions[r, start:end] = torch.arange(end - start)
+                segments[r, start:end] = j
+                start = end
+        return {"x": x, "y": y, "mask": mask, "positions": positions, "segments": segments}
 
     def batch(self, step: int, batch_size: int, rows: range) -> dict[str, torch.Tensor]:
         """Rows `rows` of step `step`'s batch. `scale` makes the accumulated gradient that of
@@ -353,6 +376,22 @@ class SFTData:
         # batch_size / len(rows) = accum * world undoes both.
         out["scale"] = torch.tensor(batch_size / len(rows) / max(1, n_step))
         return out
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows holding at most `width` tokens each (first fit,
+    longest first: deterministic, and within a row or two of the fewest possible)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
 
 
 def _pack(examples: list[tuple[list[int], list[int]]], width: int,

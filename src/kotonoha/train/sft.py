@@ -60,7 +60,9 @@ class SFTConfig:
     out: str = "runs/sft"
     chat_template: str | None = None  # Jinja text or a .jinja file; None = the model's/ChatML
     context_length: int | None = None  # longer conversations are cut; None = the model's
-    packing: bool = False  # several conversations per row (fewer pad tokens)
+    # Glue conversations into examples of up to a context each (they see each other); batches
+    # are padding-free either way, so this only changes how many fit in one step.
+    packing: bool = False
     epochs: float | None = None  # when set it decides train.steps
     # Replay: pretraining documents (any `data prepare` source) mixed into the training set,
     # `replay_fraction` x the number of conversations, with loss on all their tokens. Without
@@ -162,9 +164,14 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     A sum, never a mean over zero tokens: a batch with nothing to learn gives loss 0 and
     zero gradients instead of NaN.
     """
-    logits = model(batch["x"])
-    ce = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), reduction="none")
+    ce = F.cross_entropy(packed_logits(model, batch).float().flatten(0, 1),
+                         batch["y"].flatten(), reduction="none")
     return (ce * batch["mask"].flatten()).sum() * batch["scale"], {}
+
+
+def packed_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a (possibly padding-free) batch of `SFTData`."""
+    return model(batch["x"], positions=batch.get("positions"), segments=batch.get("segments"))
 
 
 def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
@@ -176,10 +183,11 @@ def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
         total = count = 0.0
         for i in range(0, len(val), micro):
             b = val.collate(list(range(i, min(len(val), i + micro))))
-            x, y, mask = (b[k].to(device) for k in ("x", "y", "mask"))
-            ce = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
-            total += float((ce * mask.flatten()).sum())
-            count += float(mask.sum())
+            b = {k: v.to(device) for k, v in b.items()}
+            ce = F.cross_entropy(packed_logits(model, b).float().flatten(0, 1),
+                                 b["y"].flatten(), reduction="none")
+            total += float((ce * b["mask"].flatten()).sum())
+            count += float(b["mask"].sum())
         return {"val_loss": total / max(1.0, count)}
 
     return evaluate
