@@ -174,6 +174,10 @@ def test_mistakes_needs_a_mistake(tmp_path: Path) -> None:
         dpo_main(str(CONFIGS / "dpo-tiny.yaml"),
                  [f"data={data}", f"mistakes={known}", f"init_from={sft_model()}",
                   f"out={tmp_path / 'dpo'}", "max_new_tokens=24", *FAST], False)
+    with pytest.raises(UserError, match="practice.jsonl does not exist"):  # mistakes=world
+        dpo_main(str(CONFIGS / "dpo-tiny.yaml"),
+                 [f"data={data}", "mistakes=world", f"world={tmp_path / 'none'}",
+                  f"init_from={sft_model()}", f"out={tmp_path / 'dpo3'}", *FAST], False)
     unchecked = write_jsonl(tmp_path / "plain.jsonl", practice_rows()[-1:])
     with pytest.raises(UserError, match="check"):
         dpo_main(str(CONFIGS / "dpo-tiny.yaml"),

@@ -94,7 +94,7 @@ def test_config_wiring_and_errors(tmp_path: Path) -> None:
     assert cfg.reward.init_from == cfg.dpo.init_from == cfg.rl.model == str(tmp_path / "sft")
     assert cfg.rl.reward_model == str(tmp_path / "reward")
     assert cfg.rl.world == str(tmp_path / "world")
-    assert cfg.dpo.mistakes == str(tmp_path / "world" / "practice.jsonl")
+    assert cfg.dpo.mistakes == "world" and cfg.dpo.world == str(tmp_path / "world")
     # RL's own train defaults survive a partial train section
     tiny = load_pipeline_config(TINY, ["rl.train.lr=1e-5"])
     assert tiny.rl.train.schedule == "constant" and tiny.rl.train.lr == 1e-5

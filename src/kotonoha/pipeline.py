@@ -120,9 +120,8 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
                      init_from=str(p("sft")), out=str(p("reward")), train=train(cfg.reward))
     rl = replace(cfg.rl, model=str(p("sft")), reference=None, out=str(p("rl")),
                  world=str(world), reward_model=str(p("reward")), train=train(cfg.rl))
-    mistakes = str(world / "practice.jsonl") if cfg.dpo.mistakes == "world" else cfg.dpo.mistakes
     dpo = replace(cfg.dpo, data=str(world / "preferences.jsonl"), val_data=None,
-                  mistakes=mistakes, init_from=str(p("sft")), out=str(p("dpo")),
+                  world=str(world), init_from=str(p("sft")), out=str(p("dpo")),
                   train=train(cfg.dpo))
     return replace(cfg, pretrain=pretrain, sft=sft, reward=reward, rl=rl, dpo=dpo)
 

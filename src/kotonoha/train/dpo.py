@@ -17,6 +17,7 @@ engine; each reply the world's rule-based checker rejects becomes a pair, with t
 conversation's own reply as the chosen one (`mistakes.jsonl` in the run directory). This is the
 checker's one use in DPO, as `reward: checker` is RL's: it picks which pairs to train on,
 about entities the eval never uses. `data` still supplies the held-out "test" pairs.
+`mistakes: world` is short for `WORLD/practice.jsonl`, with WORLD the `world` setting.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ class DPOConfig:
     # rejected ones fall faster; this term keeps the chosen ones likely.
     sft_weight: float = 0.0
     # A conversation file with checks: train on the starting model's wrong greedy replies to
-    # it (see the module docstring); None = the train pairs of `data`.
+    # it (see the module docstring); None = the train pairs of `data`; "world" = the
+    # practice conversations of the world in `world`.
     mistakes: str | None = None
+    world: str = "data/world"
     max_new_tokens: int = 64  # the greedy replies' length limit, for `mistakes`
     epochs: float | None = None  # when set it decides train.steps
     lora: str | LoRAConfig | None = None
@@ -203,7 +206,13 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     ctx = context_for(model, cfg.context_length)
     asked = None
     if cfg.mistakes:
-        train_pairs, asked = mistake_pairs(model.to(d.device), tok, cfg.mistakes,
+        mistakes = cfg.mistakes
+        if mistakes == "world":
+            mistakes = str(Path(cfg.world) / "practice.jsonl")
+            if not Path(mistakes).is_file():
+                raise UserError(f"{mistakes} does not exist; generate the world with `kotonoha "
+                                f"data world --out {cfg.world}` or set world= / mistakes=.")
+        train_pairs, asked = mistake_pairs(model.to(d.device), tok, mistakes,
                                            cfg.max_new_tokens, ctx)
         if not train_pairs:
             raise UserError(f"{cfg.init_from} answered all {asked} conversations of "
