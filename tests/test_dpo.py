@@ -23,7 +23,13 @@ from chat_testing import (
     write_jsonl,
 )
 from kotonoha.checkpoint import load_model
-from kotonoha.data.chat import PairData, load_preferences
+from kotonoha.data.chat import (
+    PairData,
+    collate_replies,
+    epoch_rows,
+    load_preferences,
+    per_sequence,
+)
 from kotonoha.errors import UserError
 from kotonoha.train.dpo import (
     DPOConfig,
@@ -34,6 +40,7 @@ from kotonoha.train.dpo import (
     sequence_logps,
 )
 from kotonoha.train.lora import LoRAConfig, apply_lora
+from kotonoha.train.reward import REWARD_INPUTS, RewardModel
 from test_reward import preference_rows
 
 
@@ -100,6 +107,26 @@ def test_dpo_with_lora_writes_an_adapter(tmp_path: Path) -> None:
     assert report["after"]["val_logp_margin"] > report["before"]["val_logp_margin"]
 
 
+def test_padding_free_pair_batches_score_each_reply_as_if_alone(tmp_path: Path) -> None:
+    """Chosen and rejected sequences share rows (segments, restarting positions) and still
+    get exactly the log-probabilities and reward scores they get one at a time."""
+    model, tok = load_model(sft_model(), dtype=torch.float32)
+    pairs = load_preferences(str(write_jsonl(tmp_path / "p.jsonl", preference_rows())))
+    data = PairData(tok, pairs, 128)  # rows of 128 tokens: two or three sequences each
+    batch = data.batch(0, 6, range(6))
+    assert batch["ids"].shape[0] < 12  # twelve sequences in fewer rows
+    logps = sequence_logps(model, batch)
+    idx = epoch_rows(0, 6, range(6), len(data), data.seed)
+    seqs = [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx]
+    alone = torch.cat([sequence_logps(model, collate_replies([s], data.pad_id)) for s in seqs])
+    assert torch.allclose(logps, alone, atol=1e-4)
+    rm = RewardModel(model, tok)
+    together = rm(*(batch[k] for k in REWARD_INPUTS))
+    one = torch.cat([rm(*(collate_replies([s], data.pad_id)[k] for k in REWARD_INPUTS))
+                     for s in seqs])
+    assert torch.allclose(together, one, atol=1e-4)
+
+
 def test_beta_must_be_positive() -> None:
     with pytest.raises(UserError, match="beta"):
         DPOConfig(beta=0)
@@ -114,7 +141,7 @@ def test_sft_weight_adds_the_chosen_replies_nll(tmp_path: Path) -> None:
     mixed, _ = dpo_loss(reference, beta=0.1, sft_weight=0.5)(model, batch)
     logps = sequence_logps(model, batch)
     n = len(logps) // 2
-    nll = -(logps[:n] / batch["mask"][:n].sum(-1)).mean()
+    nll = -(logps[:n] / per_sequence(batch["mask"], batch)[:n]).mean()
     assert torch.allclose(mixed, plain + 0.5 * nll, atol=1e-5)
     assert abs(metrics["nll_chosen"] - nll.item()) < 1e-4
     with pytest.raises(UserError, match="sft_weight"):

@@ -70,11 +70,11 @@ def test_lora_reward_model_learns_and_saves_merged(tmp_path: Path) -> None:
 
 def test_bradley_terry_loss_and_margin() -> None:
     class Fixed(torch.nn.Module):  # rewards straight from the batch
-        def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-            return ids[:, 0].float()
+        def forward(self, ids: torch.Tensor, last: torch.Tensor, *_: object) -> torch.Tensor:
+            return ids.flatten()[last].float()
 
-    batch = {"ids": torch.tensor([[3], [1]]), "last": torch.tensor([0, 0]),
-             "margin": torch.tensor([0.0])}
+    batch = {"ids": torch.tensor([[3], [1]]), "last": torch.tensor([0, 1]),
+             "positions": None, "segments": None, "margin": torch.tensor([0.0])}
     loss, metrics = bt_loss()(Fixed(), batch)
     assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(2.0)).item())
     assert metrics["accuracy"] == 1.0
@@ -85,7 +85,7 @@ def test_bradley_terry_loss_and_margin() -> None:
 def test_reward_head_reads_the_last_token() -> None:
     rm = RewardModel(load_model(sft_model())[0])
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]])
-    r = rm(ids, torch.tensor([2, 2]))
+    r = rm(ids, torch.tensor([2, 6]))  # indices into ids.flatten()
     assert r[0].item() == pytest.approx(r[1].item(), abs=1e-5)  # positions after `last` (and padding there) cannot matter
 
 

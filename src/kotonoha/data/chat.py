@@ -420,7 +420,7 @@ class PairData:
 
     def __init__(self, tok: Tokenizer, pairs: list[PreferencePair], context: int, *,
                  seed: int = 0) -> None:
-        self.seed = seed
+        self.seed, self.context = seed, context
         self.pad_id = pad_id(tok)
         self.pairs = pairs
         self.chosen = [fit_context(*encode_response(tok, p.prompt, p.chosen), context)
@@ -433,7 +433,7 @@ class PairData:
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         out = collate_replies([self.chosen[i] for i in idx] + [self.rejected[i] for i in idx],
-                              self.pad_id)
+                              self.pad_id, self.context)
         out["margin"] = torch.tensor([self.pairs[i].margin for i in idx], dtype=torch.float32)
         return out
 
@@ -452,10 +452,41 @@ def fit_context(ids: list[int], mask: list[int], context: int) -> tuple[list[int
 
 
 def collate_replies(seqs: list[tuple[list[int], list[int]]], fill: int,
-                    ) -> dict[str, torch.Tensor]:
-    """Right-padded ids, the reply mask aligned with the targets ids[:, 1:], and the index of
-    each reply's last token (its end-of-turn token: where a reward model reads its score)."""
-    ids = pad([s[0] for s in seqs], fill)
-    mask = pad([s[1] for s in seqs], 0)
-    last = torch.tensor([max(j for j, m in enumerate(s[1]) if m) for s in seqs])
-    return {"ids": ids, "mask": mask[:, 1:].float(), "last": last}
+                    width: int | None = None) -> dict[str, torch.Tensor]:
+    """Prompt + reply sequences laid end to end, padding-free, in rows of at most `width`
+    tokens (default: the longest sequence), each its own segment with positions from 0.
+
+    ids, positions, segments: (rows, W); mask: the reply mask aligned with the targets
+    ids[:, 1:]; seq: which sequence each target belongs to (-1: none); last: (sequences,)
+    the index in ids.flatten() of each reply's last token (its end-of-turn token: where a
+    reward model reads its score). `per_sequence` sums per-target values by sequence.
+    """
+    lengths = [len(s[0]) for s in seqs]
+    rows = pack_rows(lengths, max(width or 0, *lengths))
+    W = max(sum(lengths[j] for j in row) for row in rows)
+    ids = torch.full((len(rows), W), fill, dtype=torch.long)
+    positions, segments = torch.zeros_like(ids), torch.full_like(ids, -1)
+    mask = torch.zeros(ids.shape)
+    last = torch.zeros(len(seqs), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for j in row:
+            s_ids, s_mask = seqs[j]
+            end = start + len(s_ids)
+            ids[r, start:end] = torch.tensor(s_ids)
+            mask[r, start:end] = torch.tensor(s_mask, dtype=mask.dtype)
+            positions[r, start:end] = torch.arange(end - start)
+            segments[r, start:end] = j
+            last[j] = r * W + start + max(k for k, m in enumerate(s_mask) if m)
+            start = end
+    # Targets are ids[:, 1:]; a sequence's first token is no target of the one before it.
+    own = (positions[:, 1:] > 0) & (segments[:, 1:] >= 0)
+    return {"ids": ids, "positions": positions, "segments": segments,
+            "mask": mask[:, 1:] * own, "seq": torch.where(own, segments[:, 1:], -1),
+            "last": last}
+
+
+def per_sequence(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sums of per-target `values` (rows, W - 1) over each sequence of `collate_replies`."""
+    keep = batch["seq"] >= 0
+    return values.new_zeros(len(batch["last"])).index_add(0, batch["seq"][keep], values[keep])

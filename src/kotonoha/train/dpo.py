@@ -40,6 +40,7 @@ from kotonoha.data.chat import (
     PairData,
     PreferencePair,
     cut_before_last_reply,
+    per_sequence,
     read_jsonl,
     train_test_pairs,
 )
@@ -95,11 +96,13 @@ class DPOConfig:
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """log π(reply | prompt) for every row: the sum over the reply's tokens (B,)."""
+    """log π(reply | prompt) for every sequence of a `collate_replies` batch: the sum over
+    the reply's tokens (chosen replies first, then the rejected ones)."""
     ids, mask = batch["ids"], batch["mask"]
-    logits = model(ids[:, :-1]).float()
+    logits = model(ids[:, :-1], positions=batch["positions"][:, :-1],
+                   segments=batch["segments"][:, :-1]).float()
     logp = -F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    return (logp.view_as(mask) * mask).sum(-1)
+    return per_sequence(logp.view_as(mask) * mask, batch)
 
 
 def make_reference(model: nn.Module, lora: LoRAConfig | None,
@@ -123,7 +126,7 @@ def dpo_loss(reference: LogpFn, beta: float, sft_weight: float = 0.0,
         chosen = beta * (logps[:n] - ref[:n])  # implicit rewards
         rejected = beta * (logps[n:] - ref[n:])
         loss = -F.logsigmoid(chosen - rejected).mean()
-        nll = -(logps[:n] / batch["mask"][:n].sum(-1).clamp(min=1)).mean()
+        nll = -(logps[:n] / per_sequence(batch["mask"], batch)[:n].clamp(min=1)).mean()
         if sft_weight:
             loss = loss + sft_weight * nll
         return loss, {"reward_chosen": chosen.mean().item(),

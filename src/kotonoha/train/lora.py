@@ -182,9 +182,9 @@ class AdaptersOff(nn.Module):
         super().__init__()
         self._model = [model]  # a list, so it is not a submodule that .eval() would touch
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         with adapters_disabled(self._model[0]):
-            return self._model[0](ids)
+            return self._model[0](ids, **kwargs)
 
 
 # --- adapter-only files --------------------------------------------------------------------

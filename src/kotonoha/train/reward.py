@@ -60,6 +60,7 @@ from kotonoha.train.sft import (
 )
 
 HEAD_FILE = "reward_head.safetensors"
+REWARD_INPUTS = ("ids", "last", "positions", "segments")  # of a `collate_replies` batch
 
 
 class RewardModel(nn.Module):
@@ -80,11 +81,15 @@ class RewardModel(nn.Module):
     def blocks(self) -> nn.ModuleList:  # lets the trainer shard block by block under FSDP
         return self.backbone.blocks
 
-    def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) for token ids (B, T), read at positions `last` (B,)."""
-        out = self.backbone(ids, output_hidden_states=True)
+    def forward(self, ids: torch.Tensor, last: torch.Tensor,
+                positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (N,) read at `last` (N,), indices into ids.flatten() (a `collate_replies`
+        batch: several sequences per row, told apart by `segments`)."""
+        out = self.backbone(ids, positions=positions, segments=segments,
+                            output_hidden_states=True)
         h = self.backbone.norm(out.hidden_states[-1])
-        return self.head(h[torch.arange(len(ids), device=ids.device), last]).squeeze(-1).float()
+        return self.head(h.flatten(0, 1)[last]).squeeze(-1).float()
 
     @torch.no_grad()
     def score(self, prompts: Sequence[list[dict[str, Any]]], responses: Sequence[str],
@@ -109,8 +114,9 @@ class RewardModel(nn.Module):
         device = self.head.weight.device
         out = []
         for i in range(0, len(seqs), batch_size):
-            b = collate_replies(seqs[i:i + batch_size], pad_id(self._tok()))
-            out.append(self(b["ids"].to(device), b["last"].to(device)).cpu())
+            b = collate_replies(seqs[i:i + batch_size], pad_id(self._tok()),
+                                self.backbone.cfg.context_length)
+            out.append(self(*(b[k].to(device) for k in REWARD_INPUTS)).cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -181,7 +187,7 @@ def bt_loss(margin: float = 0.0) -> Callable[[nn.Module, dict[str, torch.Tensor]
                                              tuple[torch.Tensor, dict[str, float]]]:
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor],
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        r = model(batch["ids"], batch["last"])
+        r = model(*(batch[k] for k in REWARD_INPUTS))
         n = len(batch["margin"])
         diff = r[:n] - r[n:]
         loss = -F.logsigmoid(diff - batch["margin"] - margin).mean()
@@ -197,7 +203,7 @@ def evaluate_pairs(model: nn.Module, data: PairData, micro: int, device: torch.d
     """Held-out pairwise accuracy, BT loss and mean reward margin (overall and per kind)."""
     diffs = []
     for b in data.chunks(micro):
-        r = model(b["ids"].to(device), b["last"].to(device)).float().cpu()
+        r = model(*(b[k].to(device) for k in REWARD_INPUTS)).float().cpu()
         diffs.append(r[:len(b["margin"])] - r[len(b["margin"]):])
     diff = torch.cat(diffs)
     out: dict[str, Any] = {"val_accuracy": (diff > 0).float().mean().item(),
