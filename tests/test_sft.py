@@ -32,7 +32,6 @@ from kotonoha.data.chat import (
     ensure_chat_template,
     load_conversations,
     pack_rows,
-    pad,
     repeat_by_kind,
 )
 from kotonoha.data.world import generate_world
@@ -86,6 +85,11 @@ def test_loss_ignores_the_user_tokens() -> None:
     assert not torch.allclose(sft_loss(model, other)[0], loss)  # assistant targets: do count
 
 
+def right_pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
 def test_padding_free_batches_match_padded_ones() -> None:
     """A step's examples laid end to end (segments, restarting positions) give the loss and
     gradients of the same examples right-padded into a row each, in fewer token slots."""
@@ -94,8 +98,8 @@ def test_padding_free_batches_match_padded_ones() -> None:
     data = SFTData(tok, convs, 128, replay=["A long replay document. " * 12])
     idx = [len(data) - 1, *range(7)]  # the long document among seven short conversations
     batch = dict(data.collate(idx), scale=torch.tensor(0.01))
-    ids = pad([data.examples[i][0] for i in idx], data.pad_id)
-    mask = pad([data.examples[i][1] for i in idx], 0)
+    ids = right_pad([data.examples[i][0] for i in idx], data.pad_id)
+    mask = right_pad([data.examples[i][1] for i in idx], 0)
     padded = {"x": ids[:, :-1], "y": ids[:, 1:], "mask": mask[:, 1:].float(),
               "scale": torch.tensor(0.01)}
     assert batch["x"].numel() < 0.7 * padded["x"].numel()

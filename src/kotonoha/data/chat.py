@@ -297,11 +297,6 @@ def pad_id(tok: Tokenizer) -> int:
     return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
 
 
-def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
 class SFTData:
     """Encoded conversations, truncated to the context, optionally packed, as (x, y, mask).
 
