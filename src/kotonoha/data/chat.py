@@ -340,25 +340,11 @@ class SFTData:
         return len(self.examples)
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        """Examples `idx` in padding-free rows: x, y, mask, positions and segments, each
-        (rows, width). Filler tokens after the last example of a row have mask 0 and
-        segment -1."""
-        rows = pack_rows([len(self.examples[i][0]) - 1 for i in idx], self.context)
-        width = max(sum(len(self.examples[idx[j]][0]) - 1 for j in row) for row in rows)
-        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        y, segments = x.clone(), torch.full_like(x, -1)
-        mask, positions = torch.zeros(x.shape), torch.zeros_like(x)
-        for r, row in enumerate(rows):
-            start = 0
-            for j in row:
-                ids, m = self.examples[idx[j]]
-                end = start + len(ids) - 1
-                x[r, start:end], y[r, start:end] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-                mask[r, start:end] = torch.tensor(m[1:], dtype=mask.dtype)
-                positions[r, start:end] = torch.arange(end - start)
-                segments[r, start:end] = j
-                start = end
-        return {"x": x, "y": y, "mask": mask, "positions": positions, "segments": segments}
+        """Examples `idx` in padding-free rows (`collate_replies`): x, y, mask, positions and
+        segments, each (rows, width <= context)."""
+        b = collate_replies([self.examples[i] for i in idx], self.pad_id, self.context + 1)
+        return {"x": b["ids"][:, :-1], "y": b["ids"][:, 1:], "mask": b["mask"],
+                "positions": b["positions"][:, :-1], "segments": b["segments"][:, :-1]}
 
     def batch(self, step: int, batch_size: int, rows: range) -> dict[str, torch.Tensor]:
         """Rows `rows` of step `step`'s batch. `scale` makes the accumulated gradient that of
@@ -454,7 +440,8 @@ def collate_replies(seqs: list[tuple[list[int], list[int]]], fill: int,
     ids, positions, segments: (rows, W); mask: the reply mask aligned with the targets
     ids[:, 1:]; seq: which sequence each target belongs to (-1: none); last: (sequences,)
     the index in ids.flatten() of each reply's last token (its end-of-turn token: where a
-    reward model reads its score). `per_sequence` sums per-target values by sequence.
+    reward model reads its score; a sequence's last token if it has no reply). `per_sequence`
+    sums per-target values by sequence. SFT batches are these rows shifted into (x, y).
     """
     lengths = [len(s[0]) for s in seqs]
     rows = pack_rows(lengths, max(width or 0, *lengths))
@@ -472,7 +459,8 @@ def collate_replies(seqs: list[tuple[list[int], list[int]]], fill: int,
             mask[r, start:end] = torch.tensor(s_mask, dtype=mask.dtype)
             positions[r, start:end] = torch.arange(end - start)
             segments[r, start:end] = j
-            last[j] = r * W + start + max(k for k, m in enumerate(s_mask) if m)
+            last[j] = r * W + start + max((k for k, m in enumerate(s_mask) if m),
+                                          default=len(s_ids) - 1)
             start = end
     # Targets are ids[:, 1:]; a sequence's first token is no target of the one before it.
     own = (positions[:, 1:] > 0) & (segments[:, 1:] >= 0)
