@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
 import json
 import math
@@ -173,6 +174,27 @@ def init_distributed(device: str = "auto") -> Dist:
         dist.init_process_group(backend, timeout=timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, local, world, dev)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep large freed blocks for reuse instead of unmapping them.
+
+    A CPU training step allocates and frees the same big tensors every step: the demo's
+    logits alone are 16 x 256 x 4096 floats (64 MB). glibc serves blocks over 32 MB with a
+    fresh mmap and returns them to the OS on free, so each step page-faults and zeroes them
+    again: a quarter of a demo step on a 2-core AVX2 machine (measured, docs/BENCHMARKS.md).
+    Serving everything from the heap (and trimming it only past 1 GB free) reuses them.
+    No-op where the C library is not glibc. Returns whether it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold,
+                                                                         1 << 30))
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -330,6 +352,8 @@ class Trainer:
         self.micro_rows = [range(first + i * self.micro, first + (i + 1) * self.micro)
                            for i in range(self.accum)]
 
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" on GPUs means TF32 matmuls
             torch.backends.cudnn.allow_tf32 = True
