@@ -199,7 +199,7 @@ def _huge_pages_always() -> bool:  # then even fresh blocks fault only once per 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _huge_pages_always(),
                     reason="glibc's mallopt, counted in 4 kB page faults")
-def test_trainer_keeps_big_freed_buffers_instead_of_faulting_them_in_every_step() -> None:
+def test_keep_freed_memory_reuses_big_blocks_instead_of_faulting_them_in_again() -> None:
     def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_BIG_ALLOCATIONS, mode],
                              capture_output=True, text=True, check=True)

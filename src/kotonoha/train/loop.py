@@ -180,9 +180,9 @@ def keep_freed_memory() -> bool:
     """Ask glibc to keep large freed blocks for reuse instead of unmapping them.
 
     A CPU training step allocates and frees the same big tensors every step: the demo's
-    logits alone are 16 x 256 x 4096 floats (64 MB). glibc serves blocks over 32 MB with a
+    logits alone are 16 x 256 x 3,557 floats (58 MB). glibc serves blocks over 32 MB with a
     fresh mmap and returns them to the OS on free, so each step page-faults and zeroes them
-    again: a quarter of a demo step on a 2-core AVX2 machine (measured, docs/BENCHMARKS.md).
+    again: about a tenth of a demo step on a 2-core AVX2 machine (docs/BENCHMARKS.md).
     Serving everything from the heap (and trimming it only past 1 GB free) reuses them.
     No-op where the C library is not glibc. Returns whether it applied.
     """
