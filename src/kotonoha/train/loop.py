@@ -8,8 +8,9 @@ A stage supplies three things and gets everything else:
   to log);
 - optionally `evaluate(model) -> metrics` and `export(state_dict, step)` (write the model files).
 
-The trainer owns: AdamW (fused where the device supports it) with decoupled weight decay on
-every matrix (embeddings included, as in nanoGPT/GPT-3, since a tied embedding *is* the output
+The trainer owns: AdamW (fused where the device supports it), or Muon on the blocks' matrices
+with AdamW on the rest (`optimizer=muon`, train/muon.py), with decoupled weight decay on every
+matrix (embeddings included, as in nanoGPT/GPT-3, since a tied embedding *is* the output
 matrix) and none on norms and biases; warmup + cosine or WSD (warmup-stable-decay) learning
 rates; gradient accumulation; clipping; bf16 autocast; optional `torch.compile`; DDP or FSDP2
 when launched by torchrun; a progress bar (loss, tokens/s, MFU, ETA); `metrics.jsonl`;
@@ -79,6 +80,8 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # adamw | muon: Muon on the blocks' weight matrices, AdamW on the rest (train/muon.py)
+    optimizer: str = "adamw"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16
     compile: bool = False
@@ -97,6 +100,8 @@ class TrainConfig:
             raise UserError(f"schedule must be cosine, wsd or constant, not '{self.schedule}'.")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise UserError(f"dtype must be auto, fp32 or bf16, not '{self.dtype}'.")
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"optimizer must be adamw or muon, not '{self.optimizer}'.")
         if self.parallel not in ("ddp", "fsdp", "none"):
             raise UserError(f"parallel must be ddp, fsdp or none, not '{self.parallel}'.")
         for name in ("steps", "batch_size", "log_interval"):
@@ -285,6 +290,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
                    ) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     kw: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "muon":
+        from kotonoha.train.muon import MuonAdamW, hidden_matrices
+
+        muon_ids = hidden_matrices(model)
+        split = [{**g, "params": [p for p in g["params"] if (id(p) in muon_ids) == muon],
+                  "muon": muon} for muon in (True, False) for g in groups]
+        fast_bf16 = ((device.type == "cuda" and torch.cuda.is_bf16_supported())
+                     or (device.type == "cpu" and cpu_has_fast_bf16()))
+        return MuonAdamW([g for g in split if g["params"]], **kw,
+                         ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     # Fused kernels exist for CUDA and CPU; MPS and others use the default (foreach) path.
     if device.type in ("cuda", "cpu"):
         with contextlib.suppress(RuntimeError, TypeError):
@@ -374,6 +389,9 @@ class Trainer:
             raise UserError("Started with several processes but parallel=none; use parallel=ddp "
                             "or parallel=fsdp (or launch a single process).")
         if d.world_size > 1 and cfg.parallel == "fsdp":
+            if cfg.optimizer == "muon":
+                raise UserError("optimizer=muon needs whole weight matrices on every process; "
+                                "use parallel=ddp (FSDP shards them).")
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
