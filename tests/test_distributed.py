@@ -97,3 +97,18 @@ def test_two_ranks_match_one_process(setup: tuple[Path, Path, dict[int, float]],
     if parallel == "fsdp":  # the checkpoint is unsharded: a single process can resume it
         pretrain_main(None, settings(d / "data", out, f"train.steps={STEPS + 2}"), resume=True)
         assert max(losses(out)) == STEPS + 2
+
+
+def test_muon_under_ddp_matches_one_process_and_fsdp_refuses_it(
+        setup: tuple[Path, Path, dict[int, float]]) -> None:
+    d = setup[0]
+    muon = "train.optimizer=muon"
+    single = pretrain_main(None, settings(d / "data", d / "muon_single", muon), resume=False)
+    proc = torchrun(*settings(d / "data", d / "muon_ddp", muon, "train.micro_batch_size=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = losses(single), losses(d / "muon_ddp")
+    assert got.keys() == expected.keys()
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-4), step
+    proc = torchrun(*settings(d / "data", d / "muon_fsdp", muon, "train.parallel=fsdp"))
+    assert proc.returncode != 0 and "use parallel=ddp" in proc.stderr, proc.stderr[-3000:]
