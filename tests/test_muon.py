@@ -119,3 +119,11 @@ def test_pretraining_with_muon_learns_and_resumes_exactly(data_dir: Path,
     resumed = losses(pretrain_main(TINY, [*half, "train.steps=40"], resume=True))
     # The momentum buffers and AdamW moments came back from the checkpoint.
     assert resumed[40] == pytest.approx(first[40], abs=1e-5)
+
+
+def test_resuming_with_another_optimizer_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    run = [f"data={data_dir}", f"out={tmp_path / 'r'}", "train.progress=false",
+           "train.plot=false", "train.steps=2"]
+    pretrain_main(TINY, run, resume=False)
+    with pytest.raises(UserError, match="optimizer=adamw"):
+        pretrain_main(TINY, [*run, "train.optimizer=muon", "train.steps=4"], resume=True)

@@ -622,6 +622,10 @@ class Trainer:
         if saved_batch != self.cfg.batch_size:
             raise UserError(f"The checkpoint was trained with batch_size={saved_batch}; resume "
                             f"with the same batch_size (got {self.cfg.batch_size}).")
+        saved_optimizer = state["train_config"].get("optimizer", "adamw")
+        if saved_optimizer != self.cfg.optimizer:
+            raise UserError(f"The checkpoint was trained with optimizer={saved_optimizer}; "
+                            f"resume with the same optimizer (got {self.cfg.optimizer}).")
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.raw_model, read_safetensors(step_dir / "model.safetensors"),
                              options=opts)
