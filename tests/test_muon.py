@@ -1,23 +1,15 @@
-"""`optimizer=muon`: Muon on the blocks' matrices, AdamW on the rest (train/muon.py)."""
+"""`optimizer=muon`: Muon on the blocks' matrices, AdamW on the rest (train/muon.py). Whole
+pretraining runs with it (learning, resume) are in test_train.py."""
 
 from __future__ import annotations
-
-import json
-import random
-from pathlib import Path
 
 import pytest
 import torch
 
-from kotonoha.data.shards import prepare
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, preset
-from kotonoha.tokenizer import train_bpe
 from kotonoha.train.loop import TrainConfig, make_optimizer
 from kotonoha.train.muon import MuonAdamW, hidden_matrices, orthogonalize
-from kotonoha.train.pretrain import pretrain_main
-
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (96, 32), (32, 96)])
@@ -83,47 +75,3 @@ def test_make_optimizer_splits_the_decay_groups() -> None:
     assert kinds == {(True, 0.1): 7 * n_layer, (False, 0.1): 1, (False, 0.0): 2 * n_layer + 1}
     with pytest.raises(UserError, match="adamw or muon"):
         TrainConfig(optimizer="sgd")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("muon_data")
-    rng = random.Random(0)
-    capitals = {"Aru": "Beno", "Cala": "Doma", "Eshu": "Fira", "Gol": "Hanu"}
-    docs = [" ".join(f"The capital of {c} is {capitals[c]}." for c in
-                     rng.choices(list(capitals), k=rng.randint(2, 6))) for _ in range(300)]
-    train_bpe(docs, vocab_size=300).save(d / "tok")
-    (d / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    prepare([str(d / "c.jsonl")], d / "tok", d / "data", val_fraction=0.1, show_progress=False)
-    return d / "data"
-
-
-def losses(run: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
-def test_pretraining_with_muon_learns_and_resumes_exactly(data_dir: Path,
-                                                          tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    common = [f"data={data_dir}", "train.progress=false", "train.plot=false",
-              "train.optimizer=muon", "train.eval_interval=0", "train.log_interval=1",
-              # a schedule that does not depend on train.steps, so 20 + 20 steps = 40 steps
-              "train.schedule=constant", "train.warmup_steps=5"]
-    whole = pretrain_main(TINY, [*common, f"out={tmp_path / 'whole'}", "train.steps=40"],
-                          resume=False)
-    first = losses(whole)
-    assert first[40] < first[1] - 2.0  # it learns
-    half = [*common, f"out={tmp_path / 'half'}", "train.checkpoint_interval=20"]
-    pretrain_main(TINY, [*half, "train.steps=20"], resume=False)
-    resumed = losses(pretrain_main(TINY, [*half, "train.steps=40"], resume=True))
-    # The momentum buffers and AdamW moments came back from the checkpoint.
-    assert resumed[40] == pytest.approx(first[40], abs=1e-5)
-
-
-def test_resuming_with_another_optimizer_is_refused(data_dir: Path, tmp_path: Path) -> None:
-    run = [f"data={data_dir}", f"out={tmp_path / 'r'}", "train.progress=false",
-           "train.plot=false", "train.steps=2"]
-    pretrain_main(TINY, run, resume=False)
-    with pytest.raises(UserError, match="optimizer=adamw"):
-        pretrain_main(TINY, [*run, "train.optimizer=muon", "train.steps=4"], resume=True)

@@ -242,6 +242,28 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir: Path,
         assert torch.allclose(p, q, atol=1e-5), name
 
 
+def test_pretraining_with_muon_learns_and_resumes_exactly(data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    # A schedule that does not depend on train.steps, so 20 + 20 steps = 40 steps.
+    muon = ["train.optimizer=muon", "train.eval_interval=0", "train.log_interval=1",
+            "train.schedule=constant", "train.warmup_steps=5"]
+    first = train_losses(pretrain_main(TINY, tiny(data_dir, tmp_path / "whole", *muon),
+                                       resume=False))
+    assert first[40] < first[1] - 2.0  # it learns (configs/tiny.yaml: 40 steps)
+    half = tiny(data_dir, tmp_path / "half", *muon, "train.checkpoint_interval=20")
+    pretrain_main(TINY, [*half, "train.steps=20"], resume=False)
+    resumed = train_losses(pretrain_main(TINY, [*half, "train.steps=40"], resume=True))
+    # The momentum buffers and AdamW moments came back from the checkpoint.
+    assert resumed[40] == pytest.approx(first[40], abs=1e-5)
+
+
+def test_resuming_with_another_optimizer_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    run = tiny(data_dir, tmp_path / "r", "train.steps=2")
+    pretrain_main(TINY, run, resume=False)
+    with pytest.raises(UserError, match="optimizer=adamw"):
+        pretrain_main(TINY, [*run, "train.optimizer=muon", "train.steps=4"], resume=True)
+
+
 def test_resume_is_required_to_reuse_a_run_dir(data_dir: Path, tmp_path: Path) -> None:
     pretrain_main(TINY, tiny(data_dir, tmp_path / "r", "train.steps=2"), False)
     saved = (tmp_path / "r" / "config.yaml").read_text()
