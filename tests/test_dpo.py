@@ -120,6 +120,12 @@ def test_padding_free_pair_batches_score_each_reply_as_if_alone(tmp_path: Path) 
     seqs = [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx]
     alone = torch.cat([sequence_logps(model, collate_replies([s], data.pad_id)) for s in seqs])
     assert torch.allclose(logps, alone, atol=1e-4)
+    # The same numbers as the output head on every position (sequence_logps skips the prompts).
+    ids = batch["ids"]
+    logits = model(ids[:, :-1], positions=batch["positions"][:, :-1],
+                   segments=batch["segments"][:, :-1])
+    every = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert torch.allclose(logps, per_sequence(every * batch["mask"], batch), atol=1e-4)
     rm = RewardModel(model, tok)
     together = rm(*(batch[k] for k in REWARD_INPUTS))
     one = torch.cat([rm(*(collate_replies([s], data.pad_id)[k] for k in REWARD_INPUTS))

@@ -63,6 +63,16 @@ def test_packed_segments_compute_each_sequence_as_if_alone(model):
     assert (model(row, positions=positions[None])[:, 9:21] - alone[:, 9:]).abs().max() > 1e-3
 
 
+def test_selected_logits_are_the_full_logits_at_those_positions(model):
+    idx = torch.randint(0, model.cfg.vocab_size, (3, 16))
+    keep = torch.rand(3, 16) < 0.4
+    keep[1] = False  # a row with nothing selected
+    picked = model(idx, select=keep)
+    assert picked.shape == (int(keep.sum()), model.cfg.vocab_size)
+    assert (picked - model(idx)[keep]).abs().max() < 1e-5
+    assert model(idx, select=torch.zeros(3, 16, dtype=torch.bool)).shape[0] == 0
+
+
 def test_attention_weights_and_hidden_states(model):
     idx = torch.randint(0, model.cfg.vocab_size, (2, 10))
     out = model(idx, output_attentions=True, output_hidden_states=True)

@@ -99,10 +99,12 @@ def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
     """log π(reply | prompt) for every sequence of a `collate_replies` batch: the sum over
     the reply's tokens (chosen replies first, then the rejected ones)."""
     ids, mask = batch["ids"], batch["mask"]
+    keep = mask != 0  # the output head runs on the replies' tokens only
     logits = model(ids[:, :-1], positions=batch["positions"][:, :-1],
-                   segments=batch["segments"][:, :-1]).float()
-    logp = -F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    return per_sequence(logp.view_as(mask) * mask, batch)
+                   segments=batch["segments"][:, :-1], select=keep).float()
+    logp = torch.zeros_like(mask, dtype=logits.dtype)
+    logp[keep] = -F.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
+    return per_sequence(logp * mask, batch)
 
 
 def make_reference(model: nn.Module, lora: LoRAConfig | None,
@@ -139,15 +141,24 @@ def dpo_loss(reference: LogpFn, beta: float, sft_weight: float = 0.0,
 
 
 @torch.no_grad()
-def evaluate_dpo(policy: LogpFn | None, reference: LogpFn, data: PairData, micro: int,
-                 beta: float, device: torch.device) -> dict[str, float]:
+def reference_logps(reference: LogpFn, data: PairData, micro: int, device: torch.device,
+                    ) -> list[torch.Tensor]:
+    """The frozen reference's log-probabilities of each chunk of `data`: computed once, since
+    every evaluation needs the same ones."""
+    return [reference({k: v.to(device) for k, v in b.items()}).float().cpu()
+            for b in data.chunks(micro)]
+
+
+@torch.no_grad()
+def evaluate_dpo(policy: LogpFn | None, ref_logps: list[torch.Tensor], data: PairData,
+                 micro: int, beta: float, device: torch.device) -> dict[str, float]:
     """On held-out pairs: the DPO loss and reward accuracy, and how much more likely the policy
     finds chosen than rejected replies (`val_logp_margin`, comparable before and after).
-    `policy=None` evaluates the reference itself (the starting point)."""
+    `ref_logps` are `reference_logps` of the same data and micro batch; `policy=None`
+    evaluates the reference itself (the starting point)."""
     margins, logp_diffs = [], []
-    for b in data.chunks(micro):
+    for b, ref in zip(data.chunks(micro), ref_logps, strict=True):
         b = {k: v.to(device) for k, v in b.items()}
-        ref = reference(b).float().cpu()
         logps = ref if policy is None else policy(b).float().cpu()
         n = len(logps) // 2
         logp_diffs.append(logps[:n] - logps[n:])
@@ -240,9 +251,11 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
 
     final: dict[str, float] = {}
 
+    test_ref: list[torch.Tensor] = []
+
     def evaluate(_: nn.Module) -> dict[str, float]:
-        assert test is not None
-        final.update(evaluate_dpo(policy, reference, test, micro, cfg.beta, d.device))
+        assert test is not None and test_ref  # test_ref: filled before training starts
+        final.update(evaluate_dpo(policy, test_ref, test, micro, cfg.beta, d.device))
         return final
 
     trainer = Trainer(
@@ -259,7 +272,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
         report["mistakes"] = {"asked": asked, "wrong": len(train_pairs), "file": cfg.mistakes}
     if test is not None:  # the reference *is* the starting policy: "before" needs no training
         with trainer.autocast():
-            report["before"] = evaluate_dpo(None, reference, test, micro, cfg.beta, d.device)
+            test_ref.extend(reference_logps(reference, test, micro, d.device))
+            report["before"] = evaluate_dpo(None, test_ref, test, micro, cfg.beta, d.device)
     announce("dpo", model, len(train), cfg.train, d)
     trainer.fit(resume=resume)
     if test is not None:

@@ -86,8 +86,9 @@ class RewardModel(nn.Module):
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (N,) read at `last` (N,), indices into ids.flatten() (a `collate_replies`
         batch: several sequences per row, told apart by `segments`)."""
+        nothing = torch.zeros_like(ids, dtype=torch.bool)  # no logits: skip the output head
         out = self.backbone(ids, positions=positions, segments=segments,
-                            output_hidden_states=True)
+                            output_hidden_states=True, select=nothing)
         h = self.backbone.norm(out.hidden_states[-1])
         return self.head(h.flatten(0, 1)[last]).squeeze(-1).float()
 

@@ -542,12 +542,15 @@ class RLRun:
     def loss_fn(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        ids, mask = batch["ids"], batch["mask"]
-        logits = model(ids[:, :-1]).float()
+        # Every term is per reply token, so the output head runs on those only: (N,) below.
+        keep = batch["mask"] != 0
+        mask = batch["mask"][keep]
+        logits = model(batch["ids"][:, :-1], select=keep).float()
         logp_all = torch.log_softmax(logits, -1)
-        logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
-        pg, clipped = ppo_clip_loss(logp, batch["old_logp"], batch["adv"][:, None], cfg.clip_eps)
-        kl = kl_k3(logp, batch["ref_logp"])
+        logp = logp_all.gather(-1, batch["ids"][:, 1:][keep][:, None])[:, 0]
+        adv = batch["adv"][:, None].expand_as(keep)[keep]
+        pg, clipped = ppo_clip_loss(logp, batch["old_logp"][keep], adv, cfg.clip_eps)
+        kl = kl_k3(logp, batch["ref_logp"][keep])
         loss = masked_mean(pg + cfg.kl_coef * kl, mask)
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)

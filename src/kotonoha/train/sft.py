@@ -164,14 +164,18 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     A sum, never a mean over zero tokens: a batch with nothing to learn gives loss 0 and
     zero gradients instead of NaN.
     """
-    ce = F.cross_entropy(packed_logits(model, batch).float().flatten(0, 1),
-                         batch["y"].flatten(), reduction="none")
-    return (ce * batch["mask"].flatten()).sum() * batch["scale"], {}
+    return masked_ce(model, batch).sum() * batch["scale"], {}
 
 
-def packed_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a (possibly padding-free) batch of `SFTData`."""
-    return model(batch["x"], positions=batch.get("positions"), segments=batch.get("segments"))
+def masked_ce(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mask-weighted cross-entropy of the masked tokens of a (possibly padding-free) batch of
+    `SFTData`. The output head runs only where the mask is set: about 12% off an SFT step of
+    the demo model, whose replies are 60% of the tokens (docs/BENCHMARKS.md)."""
+    keep = batch["mask"] != 0
+    logits = model(batch["x"], positions=batch.get("positions"),
+                   segments=batch.get("segments"), select=keep)
+    return F.cross_entropy(logits.float(), batch["y"][keep], reduction="none") * \
+        batch["mask"][keep]
 
 
 def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
@@ -184,9 +188,7 @@ def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
         for i in range(0, len(val), micro):
             b = val.collate(list(range(i, min(len(val), i + micro))))
             b = {k: v.to(device) for k, v in b.items()}
-            ce = F.cross_entropy(packed_logits(model, b).float().flatten(0, 1),
-                                 b["y"].flatten(), reduction="none")
-            total += float((ce * b["mask"].flatten()).sum())
+            total += float(masked_ce(model, b).sum())
             count += float(b["mask"].sum())
         return {"val_loss": total / max(1.0, count)}
 
