@@ -29,6 +29,7 @@ from kotonoha.train.rl import (
     load_prompts,
     make_reward_fn,
     masked_mean,
+    pack_rollout_rows,
     ppo_clip_loss,
     run_rl,
     sequence_logprobs,
@@ -176,6 +177,35 @@ def test_rollout_logprobs_are_the_policys(setup: Path) -> None:
     assert torch.allclose(r.old_logp * r.mask, full * r.mask, atol=1e-4)
     assert torch.allclose(r.ref_logp, full * r.mask, atol=1e-4)  # reference = policy here
     assert r.adv.view(4, 4).sum(1).abs().max() < 1e-4  # group-relative
+
+
+def test_packed_rollout_rows_carry_the_padded_rows_numbers(setup: Path) -> None:
+    """Training batches lay the rollout's right-padded rows end to end: fewer rows, and
+    per sequence the same targets, old and reference log-probs, advantages and policy
+    log-probs as the padded rows."""
+    cfg = config(setup, "unused")
+    policy, tok = load_model(setup / "policy", dtype=torch.float32)
+    ref, _ = load_model(setup / "policy", dtype=torch.float32)
+    r = RLRun(cfg, policy, ref, tok, load_prompts(cfg), reward_space, Dist(), setup
+              ).make_rollout(0)
+    # Rows twice as wide as the rollout's (the tiny model's context fits one sequence).
+    b = pack_rollout_rows(r.tensors(), 2 * r.ids.shape[1])
+    assert b["ids"].numel() <= r.ids.numel() and b["ids"].shape[0] < r.ids.shape[0]
+    own = b["seq"] >= 0
+
+    def per_row(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(r.ids)).index_add(0, b["seq"][own], values[own])
+
+    with torch.no_grad():
+        logits = policy(b["ids"][:, :-1], positions=b["positions"][:, :-1],
+                        segments=b["segments"][:, :-1])
+        logp = torch.log_softmax(logits, -1).gather(-1, b["ids"][:, 1:, None])[..., 0]
+    assert torch.equal(per_row(b["mask"]), r.mask.sum(1))
+    for packed, padded in ((b["old_logp"], r.old_logp), (b["ref_logp"], r.ref_logp),
+                           (logp, sequence_logprobs(policy, r.ids))):
+        assert torch.allclose(per_row(packed * b["mask"]), (padded * r.mask).sum(1), atol=1e-4)
+    assert torch.equal(b["adv"][own], r.adv[b["seq"][own]])
+    assert torch.equal(b["length"], r.length) and torch.equal(b["reward"], r.reward)
 
 
 def test_tiny_rl_run_raises_the_reward(setup: Path) -> None:

@@ -76,7 +76,7 @@ from kotonoha.checkpoint import (
 )
 from kotonoha.config import dump_yaml, load_config
 from kotonoha.data import checker
-from kotonoha.data.chat import clean_message, cut_before_last_reply
+from kotonoha.data.chat import clean_message, collate_replies, cut_before_last_reply
 from kotonoha.errors import UserError
 from kotonoha.models import is_packaged
 from kotonoha.train.loop import (
@@ -362,6 +362,28 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 16,
     return torch.cat(out)
 
 
+def pack_rollout_rows(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """Rows of a `Rollout` (right-padded prompt + reply) laid end to end, padding-free, in rows
+    of up to `width` tokens (`collate_replies`: segments, positions from 0 per sequence).
+    mask, old_logp, ref_logp and adv become per target of the packed rows (seq: which row of
+    `batch` each target belongs to, -1 for none); reward and length stay per sequence. The demo's rollouts were 41% padding."""
+    mask = batch["mask"]
+    # Each sequence runs through its last reply token (target index t is token t + 1).
+    ends = [int(m.nonzero().max()) + 2 if m.any() else 1 for m in mask]
+    seqs = [(ids[:n].tolist(), [0.0, *m[:n - 1].tolist()])
+            for ids, m, n in zip(batch["ids"], mask, ends)]
+    packed = collate_replies(seqs, 0, width)
+    own = packed["seq"] >= 0
+    seq = packed["seq"].clamp(min=0)
+    target = (packed["positions"][:, 1:] - 1).clamp(min=0)  # its index in the padded row
+    out = {k: packed[k] for k in ("ids", "positions", "segments", "mask", "seq")}
+    for k in ("old_logp", "ref_logp"):
+        out[k] = batch[k][seq, target] * own
+    out["adv"] = batch["adv"][seq] * own
+    out["reward"], out["length"] = batch["reward"], batch["length"]
+    return out
+
+
 class RLRun:
     """State shared by `get_batch`, `loss_fn` and `evaluate` of one RL run."""
 
@@ -421,12 +443,7 @@ class RLRun:
         local = [r - self.d.rank * self.per_rank for r in rows]
         pick = order[[mb * self.per_rank + r for r in local]]
         batch = {k: v[pick] for k, v in self.rollout.tensors().items()}
-        # Cut the padding every picked row has, so short replies train fast.
-        width = int(batch["mask"].sum(0).nonzero().max()) + 1 if batch["mask"].any() else 1
-        batch["ids"] = batch["ids"][:, :width + 1]
-        for k in ("mask", "old_logp", "ref_logp"):
-            batch[k] = batch[k][:, :width]
-        return batch
+        return pack_rollout_rows(batch, self.policy.cfg.context_length)
 
     def _load_or_make(self, index: int) -> Rollout:
         path = self.run_dir / ROLLOUT_DIR / f"rank{self.d.rank}.safetensors"
@@ -542,14 +559,16 @@ class RLRun:
     def loss_fn(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        # Every term is per reply token, so the output head runs on those only: (N,) below.
+        # A `pack_rollout_rows` batch. Every term is per reply token, so the output head runs
+        # on those only: (N,) below.
         keep = batch["mask"] != 0
         mask = batch["mask"][keep]
-        logits = model(batch["ids"][:, :-1], select=keep).float()
+        logits = model(batch["ids"][:, :-1], positions=batch["positions"][:, :-1],
+                       segments=batch["segments"][:, :-1], select=keep).float()
         logp_all = torch.log_softmax(logits, -1)
         logp = logp_all.gather(-1, batch["ids"][:, 1:][keep][:, None])[:, 0]
-        adv = batch["adv"][:, None].expand_as(keep)[keep]
-        pg, clipped = ppo_clip_loss(logp, batch["old_logp"][keep], adv, cfg.clip_eps)
+        pg, clipped = ppo_clip_loss(logp, batch["old_logp"][keep], batch["adv"][keep],
+                                    cfg.clip_eps)
         kl = kl_k3(logp, batch["ref_logp"][keep])
         loss = masked_mean(pg + cfg.kl_coef * kl, mask)
         with torch.no_grad():
