@@ -129,6 +129,9 @@ def test_flops_rule_of_thumb():
     f = flops_per_token(cfg, 1024)
     total, _ = count_params(cfg)
     assert 6 * total * 0.95 < f["training"] < 6 * total * 1.3
+    # Logits for a quarter of the tokens: three quarters of the output head's 6·d·V are saved.
+    head = 6 * cfg.d_model * cfg.vocab_size
+    assert f["training"] - flops_per_token(cfg, 1024, 0.25)["training"] == 0.75 * head
 
 
 def test_config_errors():

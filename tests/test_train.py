@@ -292,3 +292,32 @@ def test_continued_pretraining_from_an_existing_model(data_dir: Path, tmp_path: 
 def test_unprepared_data_dir_says_to_prepare(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="kotonoha data prepare"):
         pretrain_main(None, [f"data={tmp_path}", f"out={tmp_path / 'run'}"], False)
+
+
+def test_throughput_leaves_out_evaluations_between_log_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock every step takes 1 s and every evaluation 100 s; evaluations fall
+    between log lines (every 5 steps, logs every 4), and every log line still reads one
+    step's tokens per second."""
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        clock[0] += 1.0
+        return model(batch["x"]).pow(2).mean(), {}
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        clock[0] += 100.0
+        return {"val_loss": 0.0}
+
+    cfg = TrainConfig(steps=12, batch_size=8, log_interval=4, eval_interval=5,
+                      checkpoint_interval=0, device="cpu", progress=False, plot=False)
+    trainer = loop.Trainer(torch.nn.Linear(4, 1), cfg, tmp_path,
+                           get_batch=lambda step, rows: {"x": torch.ones(len(rows), 4)},
+                           loss_fn=loss_fn, evaluate=evaluate)
+    trainer.fit()
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["tok_per_s"] for r in logs if "tok_per_s" in r}
+    assert rates == {4: 32.0, 8: 32.0, 12: 32.0}  # 8 rows x 4 values per 1-s step
+    assert [r["step"] for r in logs if "val_loss" in r] == [5, 10, 12]
+    assert max(r["elapsed_s"] for r in logs if "elapsed_s" in r) == 12.0

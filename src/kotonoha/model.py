@@ -430,10 +430,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(h))
 
 
-def flops_per_token(cfg: ModelConfig, context: int | None = None) -> dict[str, float]:
+def flops_per_token(cfg: ModelConfig, context: int | None = None,
+                    logits_share: float = 1.0) -> dict[str, float]:
     """Forward/training FLOPs per token (Kaplan et al. 2020: 2N + 2·L·T·d_attn forward).
 
-    N counts every matmul weight, the output head included (it is a matmul even when tied).
+    N counts every matmul weight, the output head included (it is a matmul even when tied)
+    for the `logits_share` of tokens that get logits (`Transformer.forward(select=...)`).
     """
     T = context or cfg.context_length
     d_attn = cfg.n_head * cfg.head_dim
@@ -441,6 +443,7 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> dict[str, f
     per_layer = cfg.d_model * (d_attn + 2 * d_kv) + d_attn * cfg.d_model
     per_layer += cfg.d_model * cfg.d_ff * (2 if cfg.mlp == "gelu" else 3)
     matmul_params = cfg.n_layer * per_layer + cfg.d_model * cfg.vocab_size
-    forward = 2 * matmul_params + 2 * cfg.n_layer * T * d_attn
+    head_skipped = (1.0 - logits_share) * cfg.d_model * cfg.vocab_size
+    forward = 2 * (matmul_params - head_skipped) + 2 * cfg.n_layer * T * d_attn
     return {"forward": float(forward), "training": float(3 * forward),
             "matmul_params": float(matmul_params)}

@@ -339,6 +339,10 @@ class SFTData:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def logits_share(self) -> float:
+        """The share of tokens in the loss: the only ones the output head runs on."""
+        return sum(self.n_targets) / max(1, sum(len(ids) - 1 for ids, _ in self.examples))
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         """Examples `idx` in padding-free rows (`collate_replies`): x, y, mask, positions and
         segments, each (rows, width <= context)."""
@@ -411,6 +415,11 @@ class PairData:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def logits_share(self) -> float:
+        """The share of tokens in the replies: the only ones the output head runs on."""
+        seqs = self.chosen + self.rejected
+        return sum(sum(m) for _, m in seqs) / max(1, sum(len(ids) for ids, _ in seqs))
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         out = collate_replies([self.chosen[i] for i in idx] + [self.rejected[i] for i in idx],

@@ -264,7 +264,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
         loss_fn=dpo_loss(reference, cfg.beta, cfg.sft_weight), evaluate=evaluate if test else None,
         export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
                            {"stage": "dpo", "init_from": cfg.init_from, "beta": cfg.beta}),
-        flops_per_token=flops_per_token(model.cfg, ctx)["training"], dist_info=d,
+        flops_per_token=flops_per_token(model.cfg, ctx, train.logits_share())["training"],
+        dist_info=d,
     )
     report: dict[str, Any] = {"train_pairs": len(train), "test_pairs": len(test_pairs),
                               "beta": cfg.beta}

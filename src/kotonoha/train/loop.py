@@ -486,6 +486,9 @@ class Trainer:
                 bar.set_postfix(post, refresh=False)
                 window_tokens = 0
                 window_t0 = time.perf_counter()
+            # Evaluation and checkpoint time is not training throughput: the window's clock
+            # skips it (the window may hold steps since the last log line).
+            paused = time.perf_counter()
             if self.evaluate is not None and (
                     last_step or (cfg.eval_interval and self.step % cfg.eval_interval == 0)):
                 rec = {"step": self.step, **self.run_eval()}
@@ -493,12 +496,11 @@ class Trainer:
                 if d.is_main:
                     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in rec.items()))
-                window_t0 = time.perf_counter()  # evaluation time is not training throughput
             if last_step or (cfg.checkpoint_interval
                              and self.step % cfg.checkpoint_interval == 0):
                 self.save_checkpoint()
                 saved_at = self.step
-                window_t0 = time.perf_counter()
+            window_t0 += time.perf_counter() - paused
         if saved_at != self.step:  # e.g. resumed at the final step: still export the model
             self.save_checkpoint()
 

@@ -255,7 +255,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
         model, cfg.train, run_dir,
         get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
         loss_fn=bt_loss(cfg.margin), evaluate=evaluate if test else None, export=export,
-        flops_per_token=flops_per_token(backbone.cfg, ctx)["training"], dist_info=d,
+        flops_per_token=flops_per_token(backbone.cfg, ctx, logits_share=0.0)["training"],
+        dist_info=d,
     )
     announce("reward", model, len(train), cfg.train, d)
     trainer.fit(resume=resume)

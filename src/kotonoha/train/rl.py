@@ -366,7 +366,8 @@ def pack_rollout_rows(batch: dict[str, torch.Tensor], width: int) -> dict[str, t
     """Rows of a `Rollout` (right-padded prompt + reply) laid end to end, padding-free, in rows
     of up to `width` tokens (`collate_replies`: segments, positions from 0 per sequence).
     mask, old_logp, ref_logp and adv become per target of the packed rows (seq: which row of
-    `batch` each target belongs to, -1 for none); reward and length stay per sequence. The demo's rollouts were 41% padding."""
+    `batch` each target belongs to, -1 for none); reward and length stay per sequence. The
+    demo's rollouts were 41% padding."""
     mask = batch["mask"]
     # Each sequence runs through its last reply token (target index t is token t + 1).
     ends = [int(m.nonzero().max()) + 2 if m.any() else 1 for m in mask]

@@ -169,13 +169,13 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor],
 
 def masked_ce(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mask-weighted cross-entropy of the masked tokens of a (possibly padding-free) batch of
-    `SFTData`. The output head runs only where the mask is set: about 12% off an SFT step of
-    the demo model, whose replies are 60% of the tokens (docs/BENCHMARKS.md)."""
+    `SFTData`. The output head runs only where the mask is set: 1.11x on an SFT step of the
+    demo, where 69% of the tokens are in the loss (bench/sft.py)."""
     keep = batch["mask"] != 0
     logits = model(batch["x"], positions=batch.get("positions"),
                    segments=batch.get("segments"), select=keep)
-    return F.cross_entropy(logits.float(), batch["y"][keep], reduction="none") * \
-        batch["mask"][keep]
+    ce = F.cross_entropy(logits.float(), batch["y"][keep], reduction="none")
+    return ce * batch["mask"][keep]
 
 
 def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
@@ -249,7 +249,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         evaluate=masked_lm_eval(val, micro, d.device) if val else None,
         export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
                            {"stage": "sft", "init_from": cfg.init_from}),
-        flops_per_token=flops_per_token(model.cfg, ctx)["training"], dist_info=d,
+        flops_per_token=flops_per_token(model.cfg, ctx, train.logits_share())["training"],
+        dist_info=d,
     )
     announce("sft", model, len(train), cfg.train, d)
     trainer.fit(resume=resume)
