@@ -486,21 +486,25 @@ class Trainer:
                 bar.set_postfix(post, refresh=False)
                 window_tokens = 0
                 window_t0 = time.perf_counter()
-            # Evaluation and checkpoint time is not training throughput: the window's clock
-            # skips it (the window may hold steps since the last log line).
-            paused = time.perf_counter()
-            if self.evaluate is not None and (
-                    last_step or (cfg.eval_interval and self.step % cfg.eval_interval == 0)):
-                rec = {"step": self.step, **self.run_eval()}
-                self._log(metrics_file, rec)
-                if d.is_main:
-                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in rec.items()))
-            if last_step or (cfg.checkpoint_interval
-                             and self.step % cfg.checkpoint_interval == 0):
-                self.save_checkpoint()
-                saved_at = self.step
-            window_t0 += time.perf_counter() - paused
+            evaluate = self.evaluate is not None and (
+                last_step or bool(cfg.eval_interval and self.step % cfg.eval_interval == 0))
+            checkpoint = last_step or bool(cfg.checkpoint_interval
+                                           and self.step % cfg.checkpoint_interval == 0)
+            if evaluate or checkpoint:
+                # Not training throughput: the window's clock skips the pause (the window may
+                # hold steps since the last log line, whose device work must finish first).
+                _sync(self.device)
+                paused = time.perf_counter()
+                if evaluate:
+                    rec = {"step": self.step, **self.run_eval()}
+                    self._log(metrics_file, rec)
+                    if d.is_main:
+                        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float)
+                                           else f"{k}={v}" for k, v in rec.items()))
+                if checkpoint:
+                    self.save_checkpoint()
+                    saved_at = self.step
+                window_t0 += time.perf_counter() - paused
         if saved_at != self.step:  # e.g. resumed at the final step: still export the model
             self.save_checkpoint()
 
