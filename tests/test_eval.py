@@ -19,6 +19,7 @@ from kotonoha.eval.bpb import bits_per_byte
 from kotonoha.eval.world import (
     GenerateFn,
     TaskSpec,
+    as_running_text,
     check_tokenizer_matches,
     eval_main,
     evaluate_world,
@@ -123,8 +124,11 @@ def test_uniform_model_costs_log2_vocab_bits_per_token(data_dir: Path) -> None:
 
 
 def oracle(tokenizer: Tokenizer, wrong: bool = False) -> Callable[[TaskSpec], GenerateFn]:
-    """A fake `generate` factory: completes each prompt with the right (or a wrong) capital."""
-    answers = {cloze_prompt(lang, c): cap for lang, c, cap in FACTS}
+    """A fake `generate` factory: completes each prompt with the right (or a wrong) capital.
+
+    It knows the prompts only as running text (English with a leading space), so it also
+    checks that the cloze renderer wrote them so."""
+    answers = {as_running_text(cloze_prompt(lang, c)): cap for lang, c, cap in FACTS}
     others = {cap: FACTS[(i + 1) % len(FACTS)][2] for i, (_, _, cap) in enumerate(FACTS)}
 
     def factory(spec: TaskSpec) -> GenerateFn:
@@ -143,6 +147,16 @@ def oracle(tokenizer: Tokenizer, wrong: bool = False) -> Callable[[TaskSpec], Ge
         return generate
 
     return factory
+
+
+def test_cloze_prompts_are_rendered_as_running_text(tokenizer: Tokenizer) -> None:
+    # Why: without a prefix space, a word opening a text is another token than mid-text.
+    assert tokenizer.encode("The")[0] != tokenizer.encode(" The")[-1]
+    assert as_running_text("The capital of Velmora is") == " The capital of Velmora is"
+    assert as_running_text("Ebos Pezar was born in") == " Ebos Pezar was born in"
+    assert as_running_text("ヴェルモラの首都は") == "ヴェルモラの首都は"  # no spaces in Japanese
+    assert as_running_text(" already spaced") == " already spaced"
+    assert as_running_text("") == ""
 
 
 def test_cloze_scores_oracle_100_and_wrong_answers_0(tokenizer: Tokenizer,

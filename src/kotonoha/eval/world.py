@@ -5,8 +5,9 @@ The world's `eval.jsonl` holds items `{"id", "task", "split": "seen" | "heldout"
 task runs the same way (`run_items`): render each item to prompt ids, generate greedily
 through the `Engine` in batches, and let the checker judge the text. A task differs only in its
 renderer: a base-model task (`cloze`: "The capital of X is" -> " Y") is raw text after a
-document boundary; a chat task (QA, follow-ups, refusals, added by a later suite) is its
-`messages` through the chat template with a generation prompt.
+document boundary, written as running text (`as_running_text`); a chat task (QA, follow-ups,
+refusals, added by a later suite) is its `messages` through the chat template with a
+generation prompt.
 
 The "world" suite is the base-model report: cloze accuracy on held-out facts, English and
 Japanese separately, plus validation bits per byte when a shard folder is given.
@@ -40,13 +41,15 @@ class TaskSpec:
     chat: bool  # messages through the chat template, else raw completion of `prompt`
     max_tokens: int
     stop: tuple[str, ...] = ()
+    running_text: bool = False  # a completion prompt as a sentence inside a document
 
 
-# The cloze checker reads only the first sentence, so stopping where it ends loses nothing.
+# The cloze checker reads only the first sentence, so stopping where it ends loses nothing;
+# its prompts are the world's fact sentences, which the corpus writes mid-document.
 # Chat tasks stop at the end-of-turn token; budgets are about twice the longest reference
 # reply (refusals carry a reason, arithmetic its column-by-column working).
 TASKS: dict[str, TaskSpec] = {
-    "cloze": TaskSpec(chat=False, max_tokens=16, stop=(".", "。", "\n")),
+    "cloze": TaskSpec(chat=False, max_tokens=16, stop=(".", "。", "\n"), running_text=True),
     "qa": TaskSpec(chat=True, max_tokens=32),
     "followup": TaskSpec(chat=True, max_tokens=32),
     "false_premise": TaskSpec(chat=True, max_tokens=48),
@@ -112,9 +115,23 @@ def load_items(world_dir: str | Path, *, tasks: Sequence[str] | None = None,
 # Rendering and generation
 
 
-def render_completion(tokenizer: Any) -> RenderFn:
-    """Raw text after the begin-of-text token: where a document starts in pretraining (shards
-    put eos = bos between documents), so the model reads the prompt as a fresh document."""
+def as_running_text(prompt: str) -> str:
+    """`prompt` as a sentence inside a document: with the space a previous sentence leaves.
+
+    Byte-level BPE without a prefix space gives a word at the very start of a text another
+    token than the same word after a space ("Ebos" against " Ebos"), and the world states its
+    facts mid-document. Asked "Ebos Pezar was born in" as the first words of a document, the
+    demo model completed 80% of English held-out facts; the same model with the space, 97%
+    (docs/WORLD.md). Scripts written without spaces (Japanese) get none.
+    """
+    return " " + prompt if prompt[:1].isascii() and prompt[:1].isalnum() else prompt
+
+
+def render_completion(tokenizer: Any, running_text: bool = False) -> RenderFn:
+    """The prompt after the begin-of-text token (shards put eos = bos between documents), so
+    the model reads it as a fresh document; with `running_text`, as a sentence inside one."""
+    if running_text:
+        return lambda item: tokenizer.encode(as_running_text(item["prompt"]), add_bos=True)
     return lambda item: tokenizer.encode(item["prompt"], add_bos=True)
 
 
@@ -181,7 +198,8 @@ def evaluate_tasks(model: Any, tokenizer: Any, items: Sequence[Item], *,
                             f"{', '.join(TASKS)}.")
         spec = TASKS[task]
         group = [item for item in items if item["task"] == task]
-        render = render_chat(tokenizer) if spec.chat else render_completion(tokenizer)
+        render = (render_chat(tokenizer) if spec.chat
+                  else render_completion(tokenizer, running_text=spec.running_text))
         gen = (generate(spec) if generate is not None else
                engine_generate(model, tokenizer, max_tokens=spec.max_tokens, stop=spec.stop,
                                batch_size=batch_size))
