@@ -351,15 +351,19 @@ class Rollout:
 
 
 @torch.no_grad()
-def sequence_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 16,
-                      ) -> torch.Tensor:
-    """log p(ids[:, t+1] | ids[:, :t+1]) for every position, in fp32: (N, T-1)."""
-    out = []
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                      batch_size: int = 16) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) in fp32: (N, T-1), for every position or only where
+    `mask` (N, T-1) is set (0 elsewhere; the output head then runs only there)."""
+    out = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=ids.device)
     for i in range(0, ids.shape[0], batch_size):
         x = ids[i:i + batch_size]
-        logits = model(x[:, :-1]).float()
-        out.append(torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0])
-    return torch.cat(out)
+        keep = (torch.ones_like(x[:, 1:], dtype=torch.bool) if mask is None
+                else mask[i:i + batch_size].bool())
+        logits = model(x[:, :-1], select=keep).float()  # (selected, V)
+        logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:][keep][:, None])[:, 0]
+        out[i:i + batch_size][keep] = logp
+    return out
 
 
 def pack_rollout_rows(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
@@ -504,7 +508,8 @@ class RLRun:
             start, end = len(c.prompt_ids) - 1, len(seq) - 1  # targets seq[start+1 .. end]
             mask[i, start:end] = 1.0
             old[i, start:end] = torch.tensor(c.logprobs, dtype=torch.float32)
-        ref = sequence_logprobs(self.reference, ids.to(self.d.device)).cpu() * mask
+        ref = sequence_logprobs(self.reference, ids.to(self.d.device),
+                                mask.to(self.d.device)).cpu()
         kl = float(masked_mean(kl_k3(old, ref), mask))
         rollout = Rollout(index, ids, mask, old, ref, adv, raw, length)
         self._log_rollout(rollout, prompts, texts, kl, time.perf_counter() - t0)
