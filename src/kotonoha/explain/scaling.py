@@ -92,14 +92,17 @@ class Task:
     world_task: str  # the eval.jsonl task the items come from
     max_tokens: int
     stop: tuple[str, ...]
+    running_text: bool  # the prompt as a sentence inside a document (eval/world.py)
 
 
+# Facts and two-hop questions are sentences the corpus writes mid-document; a worked sum
+# starts a line ("Q: ..."), as the corpus writes it.
 TASKS = (
-    Task("cloze", "one fact (one step)", "cloze", 12, (".", "。", "\n")),
-    Task("two_hop", "two facts chained (two steps)", "two_hop", 12, (".", "。", "\n")),
+    Task("cloze", "one fact (one step)", "cloze", 12, (".", "。", "\n"), True),
+    Task("two_hop", "two facts chained (two steps)", "two_hop", 12, (".", "。", "\n"), True),
     # The working of a 4-digit addition is ~70 tokens; a new line starts the next problem.
     Task("addition", "2-4 digit addition with carries, worked column by column", "arithmetic",
-         128, ("\n", " Q:", "問:")),
+         128, ("\n", " Q:", "問:"), False),
 )
 
 
@@ -304,7 +307,12 @@ def continuation_logprob(model: Transformer, tokenizer: Tokenizer, prompt: str,
 def evaluate_model(model: Transformer, tokenizer: Tokenizer, world: Path,
                    cfg: ScalingConfig) -> dict[str, Any]:
     """Accuracy and mean log p(correct continuation) per task (greedy decoding + checker)."""
-    from kotonoha.eval.world import engine_generate, render_completion, run_items
+    from kotonoha.eval.world import (
+        as_running_text,
+        engine_generate,
+        render_completion,
+        run_items,
+    )
 
     out: dict[str, Any] = {}
     for task in TASKS:
@@ -313,9 +321,10 @@ def evaluate_model(model: Transformer, tokenizer: Tokenizer, world: Path,
             continue
         gen = engine_generate(model, tokenizer, max_tokens=task.max_tokens, stop=task.stop,
                               batch_size=cfg.eval_batch_size)
-        results = run_items(items, render_completion(tokenizer), gen)
-        logps = [continuation_logprob(model, tokenizer, it["prompt"],
-                                      reference_continuation(it, task)) for it in items]
+        results = run_items(items, render_completion(tokenizer, task.running_text), gen)
+        logps = [continuation_logprob(
+            model, tokenizer, as_running_text(it["prompt"]) if task.running_text else it["prompt"],
+            reference_continuation(it, task)) for it in items]
         correct = sum(r.correct for r in results)
         out[task.name] = {"accuracy": correct / len(results), "correct": correct,
                           "total": len(results), "logprob": sum(logps) / len(logps),
