@@ -150,8 +150,9 @@ def oracle(tokenizer: Tokenizer, wrong: bool = False) -> Callable[[TaskSpec], Ge
 
 
 def test_cloze_prompts_are_rendered_as_running_text(tokenizer: Tokenizer) -> None:
-    # Why: without a prefix space, a word opening a text is another token than mid-text.
-    assert tokenizer.encode("The")[0] != tokenizer.encode(" The")[-1]
+    # Why: the space before a word merges into the word's token, so a word opening a text
+    # is not the token(s) the same word gets mid-text.
+    assert tokenizer.encode(" The") != tokenizer.encode(" ") + tokenizer.encode("The")
     assert as_running_text("The capital of Velmora is") == " The capital of Velmora is"
     assert as_running_text("Ebos Pezar was born in") == " Ebos Pezar was born in"
     assert as_running_text("ヴェルモラの首都は") == "ヴェルモラの首都は"  # no spaces in Japanese
