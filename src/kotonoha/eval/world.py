@@ -127,12 +127,16 @@ def as_running_text(prompt: str) -> str:
     return " " + prompt if prompt[:1].isascii() and prompt[:1].isalnum() else prompt
 
 
+def completion_text(prompt: str, running_text: bool) -> str:
+    """The text a completion prompt is encoded from (after the begin-of-text token)."""
+    return as_running_text(prompt) if running_text else prompt
+
+
 def render_completion(tokenizer: Any, running_text: bool = False) -> RenderFn:
     """The prompt after the begin-of-text token (shards put eos = bos between documents), so
     the model reads it as a fresh document; with `running_text`, as a sentence inside one."""
-    if running_text:
-        return lambda item: tokenizer.encode(as_running_text(item["prompt"]), add_bos=True)
-    return lambda item: tokenizer.encode(item["prompt"], add_bos=True)
+    return lambda item: tokenizer.encode(completion_text(item["prompt"], running_text),
+                                         add_bos=True)
 
 
 def render_chat(tokenizer: Any) -> RenderFn:

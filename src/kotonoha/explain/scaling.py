@@ -308,7 +308,7 @@ def evaluate_model(model: Transformer, tokenizer: Tokenizer, world: Path,
                    cfg: ScalingConfig) -> dict[str, Any]:
     """Accuracy and mean log p(correct continuation) per task (greedy decoding + checker)."""
     from kotonoha.eval.world import (
-        as_running_text,
+        completion_text,
         engine_generate,
         render_completion,
         run_items,
@@ -322,9 +322,9 @@ def evaluate_model(model: Transformer, tokenizer: Tokenizer, world: Path,
         gen = engine_generate(model, tokenizer, max_tokens=task.max_tokens, stop=task.stop,
                               batch_size=cfg.eval_batch_size)
         results = run_items(items, render_completion(tokenizer, task.running_text), gen)
-        logps = [continuation_logprob(
-            model, tokenizer, as_running_text(it["prompt"]) if task.running_text else it["prompt"],
-            reference_continuation(it, task)) for it in items]
+        logps = [continuation_logprob(model, tokenizer,
+                                      completion_text(it["prompt"], task.running_text),
+                                      reference_continuation(it, task)) for it in items]
         correct = sum(r.correct for r in results)
         out[task.name] = {"accuracy": correct / len(results), "correct": correct,
                           "total": len(results), "logprob": sum(logps) / len(logps),
