@@ -82,7 +82,8 @@ def greedy_replies(model_dir: Path, questions: list[str], max_tokens: int = 24) 
     assert tok is not None and tok.chat_template is not None
     engine = Engine(model, tok, max_batch_size=len(questions))
     prompts = [tok.encode_chat([user(q)], add_generation_prompt=True)[0] for q in questions]
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                   lstrip=True))
     return [o.text for o in outs]
 
 

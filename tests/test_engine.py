@@ -13,6 +13,7 @@ from kotonoha.sampling import SamplingParams, apply_penalties, token_counts
 EOS = 0
 EURO_HEAD, EURO_TAIL = 500, 501  # "€" split across two tokens, as byte-level BPE does
 EN, D_BANG = 502, 503
+SPACE, SPACE_EN = 504, 505  # " " and " en": a chat reply's first word carries a space
 
 
 class FakeTokenizer:
@@ -20,7 +21,7 @@ class FakeTokenizer:
 
     stop_ids = [EOS]
     pieces = {EOS: b"", EURO_HEAD: "€".encode()[:2], EURO_TAIL: "€".encode()[2:],
-              EN: b"en", D_BANG: b"d!"}
+              EN: b"en", D_BANG: b"d!", SPACE: b" ", SPACE_EN: b" en"}
 
     def decode(self, ids: list[int]) -> str:
         data = b"".join(self.pieces.get(i, f"<{i}>".encode()) for i in ids)
@@ -125,6 +126,15 @@ def test_a_row_samples_the_same_alone_or_batched(model):
 def test_logit_bias_forces_a_token(model):
     params = SamplingParams(temperature=1.0, seed=1, logit_bias={7: 100.0}, max_tokens=5)
     assert solo(model, prompt(4, 0), params) == [7] * 5
+
+
+def test_lstrip_drops_the_space_a_reply_opens_with(model):
+    forced = dict(temperature=1.0, seed=1, logit_bias={SPACE_EN: 100.0}, max_tokens=3)
+    engine = Engine(model, TOK, max_batch_size=2)
+    plain, reply = engine.generate([prompt(4, 0)] * 2, [SamplingParams(**forced),
+                                                        SamplingParams(**forced, lstrip=True)])
+    assert plain.text == " en en en" and reply.text == "en en en"
+    assert reply.token_ids == plain.token_ids == [SPACE_EN] * 3
 
 
 def test_logprobs_are_the_models_raw_distribution(model):
@@ -325,6 +335,9 @@ def test_detokenizer_and_matcher_units():
     detok = IncrementalDetokenizer(TOK, context_ids=[EURO_HEAD])
     assert detok.add(EURO_TAIL) == ""  # completes a character the prompt started
     assert detok.add(7) == "<7>"
+    # lstrip drops whitespace until the first visible character, and none after it.
+    detok = IncrementalDetokenizer(TOK, context_ids=[5], lstrip=True)
+    assert [detok.add(t) for t in (SPACE, SPACE_EN, SPACE, EN)] == ["", "en", " ", "en"]
     m = StopStringMatcher(["abc", "bd"])
     assert m.push("xa") == ("x", False)
     assert m.push("b") == ("", False)  # "ab" and "b" are both stop prefixes

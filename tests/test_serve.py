@@ -78,7 +78,7 @@ def test_chat_completion_is_the_engines_answer(client: httpx.Client) -> None:
     body = chat(client, max_tokens=12, seed=7, temperature=0.9, ignore_eos=True)
     prompt, _ = tokenizer().encode_chat(HELLO, add_generation_prompt=True)
     expected = solo_text(prompt, SamplingParams(temperature=0.9, seed=7, max_tokens=12,
-                                                ignore_eos=True))
+                                                ignore_eos=True, lstrip=True))
     choice = body["choices"][0]
     assert body["object"] == "chat.completion" and body["model"] == "tiny-a"
     assert body["id"].startswith("chatcmpl-")
@@ -127,6 +127,18 @@ def test_logit_bias_forces_a_token(client: httpx.Client) -> None:
                 ignore_eos=True)
     tokens = [e["token"] for e in body["choices"][0]["logprobs"]["content"]]
     assert tokens == [tokenizer().decode([token])] * 5
+
+
+def test_a_chat_reply_drops_its_opening_space_a_completion_keeps_it(client: httpx.Client,
+                                                                     ) -> None:
+    token = tokenizer().encode(" river")[0]
+    piece = tokenizer().decode([token])
+    assert piece.startswith(" ")
+    bias = {str(token): 100}
+    reply = chat(client, max_tokens=2, logit_bias=bias, ignore_eos=True)
+    assert reply["choices"][0]["message"]["content"] == (piece * 2).lstrip()
+    text = complete(client, prompt="The", max_tokens=2, logit_bias=bias, ignore_eos=True)
+    assert text["choices"][0]["text"] == piece * 2
 
 
 def test_seed_and_n(client: httpx.Client) -> None:

@@ -141,9 +141,10 @@ def test_untrained_turns_and_the_world_format() -> None:
                                                             train=False),
             user("Are you sure?"), assistant("Sorry, the capital of Aru is Beno.")]
     ids, mask = encode_conversation(tok, msgs)
-    # Exactly the trained reply and the end-of-turn token that closes it carry loss.
+    # Exactly the trained reply (its first word with the template's space) and the
+    # end-of-turn token that closes it carry loss.
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == (
-        "Sorry, the capital of Aru is Beno.<|im_end|>")
+        " Sorry, the capital of Aru is Beno.<|im_end|>")
     # The world's correction_wrong conversations use this marker.
     world = generate_world(seed=0, scale=0.05)
     conv = next(c for c in world.sft_conversations() if c["kind"] == "correction_wrong")

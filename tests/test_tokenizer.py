@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kotonoha.errors import UserError
 from kotonoha.tokenizer import (
     CHATML_TEMPLATE,
+    LATIN_WORD_START,
     SPECIAL_TOKENS,
     Tokenizer,
     new_backend,
@@ -41,8 +42,9 @@ def assistant_target(tok: Tokenizer, messages: list[dict]) -> list[int]:
     im_end = tok.token_to_id("<|im_end|>")
     out: list[int] = []
     for m in messages:
-        if m["role"] == "assistant":
-            out += tok.encode(m["content"]) + [im_end]
+        if m["role"] == "assistant":  # ChatML puts a space before Latin text
+            text = m["content"]
+            out += tok.encode(" " + text if text[0] in LATIN_WORD_START else text) + [im_end]
     return out
 
 
@@ -168,6 +170,27 @@ def test_mask_covers_assistant_content_and_end_token(tok: Tokenizer) -> None:
     assert len([s for s in spans if s]) == 2
     assert tok.decode(masked).endswith("とても長い川です。<|im_end|>")
     assert ids[len(mask) - 1 - mask[::-1].index(1)] == 2
+
+
+def test_the_space_before_a_message_joins_its_first_word(tok: Tokenizer) -> None:
+    # ChatML writes "assistant\n The capital": "The" must be the token it is after a space
+    # in running text, as BPE gives for the whole rendered string, not " " + "The".
+    ids, mask = tok.encode_chat(CHAT[1:3])
+    first = mask.index(1)
+    assert ids[first] == tok.encode(" The")[0] != tok.encode("The")[0]
+    assert tok.decode(ids[first - 1:first + 1]) == "\n The"
+    # Japanese gets no space: the reply opens with the token it would open a text with.
+    ids, mask = tok.encode_chat(CHAT[3:5])
+    first = mask.index(1)
+    assert tok.decode([ids[first - 1]]) == "\n"
+    assert ids[first] == tok.encode(CHAT[4]["content"])[0]
+    # Any template that ends with a space before a message: "User: hi" is "User:" + " hi".
+    t = Tokenizer(tok.backend, chat_template="{% for m in messages %}{{ m['role'] }}: "
+                  "{{ m['content'] }}\n{% endfor %}")
+    msgs = [{"role": "user", "content": "The river"}, {"role": "assistant", "content": " x"}]
+    ids, mask = t.encode_chat(msgs)
+    assert ids == t.encode_special(t.apply_chat_template(msgs))
+    assert t.decode([i for i, m in zip(ids, mask) if m]) == " x"  # already spaced: kept
 
 
 def test_generation_prompt_is_not_masked(tok: Tokenizer) -> None:

@@ -52,7 +52,7 @@ class ChatSession:
             self.history.pop()
             raise
         pieces = []
-        for event in self.engine.stream(ids, self.params):
+        for event in self.engine.stream(ids, dataclasses.replace(self.params, lstrip=True)):
             pieces.append(event.text)
             out.write(event.text)
             out.flush()

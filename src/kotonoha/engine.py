@@ -76,10 +76,12 @@ class IncrementalDetokenizer:
     (SentencePiece) from eating the spaces between tokens, and keeps each step O(1).
     """
 
-    def __init__(self, tokenizer: TokenizerLike, context_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: TokenizerLike, context_ids: Sequence[int] = (),
+                 lstrip: bool = False) -> None:
         self.tokenizer = tokenizer
         self.ids = list(context_ids[-4:])  # a little prompt context for the first token
         self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.lstrip = lstrip  # drop leading whitespace until the first visible character
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -95,7 +97,11 @@ class IncrementalDetokenizer:
         full = decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
+            text = full[len(prefix):]
+            if self.lstrip:
+                text = text.lstrip()
+                self.lstrip = not text
+            return text
         return ""
 
 
@@ -211,7 +217,7 @@ class Engine:
         req = _Request(
             id=rid, prompt_ids=list(prompt_ids), params=params, stop_ids=stop_ids,
             generator=torch.Generator(device=self.device).manual_seed(seed),
-            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.lstrip),
             matcher=StopStringMatcher(params.stop),
         )
         if params.max_tokens == 0:

@@ -40,6 +40,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # ignore the tokenizer's stop ids (not `stop_token_ids`)
     logprobs: int = 0  # top alternatives per token; the chosen token's logprob is always kept
+    # Drop the whitespace a reply opens with: a chat reply's first word carries the space that
+    # separates it from the turn header in the template (kotonoha's ChatML; SentencePiece).
+    lstrip: bool = False
 
     @property
     def greedy(self) -> bool:

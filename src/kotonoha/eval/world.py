@@ -24,6 +24,7 @@ from typing import Any
 
 from kotonoha.data import checker
 from kotonoha.errors import UserError
+from kotonoha.tokenizer import LATIN_WORD_START
 
 Item = dict[str, Any]
 # Prompt token ids -> completion texts, in order. The engine in practice; tests inject fakes.
@@ -124,7 +125,7 @@ def as_running_text(prompt: str) -> str:
     demo model completed 80% of English held-out facts; the same model with the space, 97%
     (docs/WORLD.md). Scripts written without spaces (Japanese) get none.
     """
-    return " " + prompt if prompt[:1].isascii() and prompt[:1].isalnum() else prompt
+    return " " + prompt if prompt[:1] and prompt[:1] in LATIN_WORD_START else prompt
 
 
 def completion_text(prompt: str, running_text: bool) -> str:
@@ -145,14 +146,16 @@ def render_chat(tokenizer: Any) -> RenderFn:
 
 
 def engine_generate(model: Any, tokenizer: Any, *, max_tokens: int, stop: Sequence[str] = (),
-                    batch_size: int = 16) -> GenerateFn:
-    """Greedy completions through the one `Engine` (batched rows, KV cache)."""
+                    batch_size: int = 16, chat: bool = False) -> GenerateFn:
+    """Greedy completions through the one `Engine` (batched rows, KV cache); `chat`: the
+    prompts are conversations, and a reply's opening whitespace is dropped."""
     from kotonoha.engine import Engine
     from kotonoha.sampling import SamplingParams
 
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
     limit = engine.max_seq_len - 1
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=list(stop))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=list(stop),
+                            lstrip=chat)
 
     def generate(prompts: list[list[int]]) -> list[str]:
         # Keep the end of an over-long prompt: the question is at the end.
@@ -206,7 +209,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, items: Sequence[Item], *,
                   else render_completion(tokenizer, running_text=spec.running_text))
         gen = (generate(spec) if generate is not None else
                engine_generate(model, tokenizer, max_tokens=spec.max_tokens, stop=spec.stop,
-                               batch_size=batch_size))
+                               batch_size=batch_size, chat=spec.chat))
         results += run_items(group, render, gen)
     return results
 

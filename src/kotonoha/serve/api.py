@@ -57,9 +57,10 @@ def get_worker(request: Request, name: str | None) -> ModelWorker:
 
 
 def sampling_params(body: SamplingFields, *, max_tokens: int | None, logprobs: int,
-                    index: int = 0) -> SamplingParams:
+                    index: int = 0, chat: bool = False) -> SamplingParams:
     """Engine settings for choice `index` of a request (choice i is seeded with seed + i,
-    so `n` choices differ but the whole request is reproducible)."""
+    so `n` choices differ but the whole request is reproducible); `chat`: a reply to a
+    conversation, which drops the whitespace it opens with."""
     seed = None if body.seed is None else (body.seed + index) % 2**63
     params = SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -71,7 +72,7 @@ def sampling_params(body: SamplingFields, *, max_tokens: int | None, logprobs: i
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         seed=seed, max_tokens=max_tokens, stop=body.stops(), ignore_eos=body.ignore_eos,
-        logprobs=logprobs,
+        logprobs=logprobs, lstrip=chat,
     )
     return params
 
@@ -228,7 +229,7 @@ async def chat_completions(request: Request,
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs")
     k = (body.top_logprobs or 0) if body.logprobs else 0
-    params = [sampling_params(body, max_tokens=max_tokens, logprobs=k, index=i)
+    params = [sampling_params(body, max_tokens=max_tokens, logprobs=k, index=i, chat=True)
               for i in range(body.n)]
     for p in params:
         check_params(worker, p)

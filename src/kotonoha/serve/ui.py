@@ -179,7 +179,7 @@ async def chat_turn(request: Request, body: ChatTurn) -> EventStream:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": m["role"], "content": m["content"]} for m in path]
     prompt, max_tokens = fit_conversation(worker, messages, body.params.max_tokens)
-    params = sampling_params(body.params, max_tokens=max_tokens, logprobs=0)
+    params = sampling_params(body.params, max_tokens=max_tokens, logprobs=0, chat=True)
     check_params(worker, params)
     settings = {"system": system, **body.params.model_dump(exclude_none=True,
                                                            exclude={"stream", "n"}),
@@ -236,14 +236,15 @@ async def new_battle(request: Request, body: BattleBody) -> EventStream:
     try:
         for name in (name_a, name_b):
             w = ws[name]
-            if getattr(w.tokenizer, "chat_template", None) is not None:
+            chat = getattr(w.tokenizer, "chat_template", None) is not None
+            if chat:
                 prompt, max_tokens = fit_conversation(w, messages, body.params.max_tokens)
             else:  # a base model just continues the text
                 prompt = w.tokenizer.encode_prompt(body.prompt)
                 max_tokens = resolve_max_tokens(
                     w, len(prompt), min(body.params.max_tokens or DEFAULT_MAX_TOKENS,
                                         max(w.max_seq_len - len(prompt), 1)))
-            params = sampling_params(body.params, max_tokens=max_tokens, logprobs=0)
+            params = sampling_params(body.params, max_tokens=max_tokens, logprobs=0, chat=chat)
             check_params(w, params)
             groups.append(await submit(w, [(prompt, params)]))
     except BaseException:

@@ -199,7 +199,7 @@ def mistake_pairs(model: nn.Module, tok: Any, path: str | Path, max_new_tokens: 
     engine = Engine(model, tok, max_batch_size=batch_size)  # puts the model in eval mode
     try:
         comps = engine.generate([ids for *_, ids in rows],
-                                [SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+                                [SamplingParams(temperature=0.0, max_tokens=max_new_tokens, lstrip=True)
                                  for _ in rows])
     finally:
         model.train(was_training)

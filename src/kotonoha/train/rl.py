@@ -481,7 +481,8 @@ class RLRun:
         prompt_ids = [p["ids"] for p in prompts]
         base = (cfg.train.seed * 1_000_003 + index) * 100_000 + self.d.rank * self.local_prompts * G
         # Temperature 1 and no truncation: the engine's logprobs are then pi_old exactly.
-        params = [SamplingParams(temperature=1.0, max_tokens=cfg.max_new_tokens, seed=base + i)
+        params = [SamplingParams(temperature=1.0, max_tokens=cfg.max_new_tokens, seed=base + i,
+                                 lstrip=True)
                   for i in range(len(prompts) * G)]
         self.policy.eval()
         try:
@@ -549,7 +550,7 @@ class RLRun:
         random.Random(f"rl-probe/{cfg.train.seed}").shuffle(order)
         prompts = [self.prompts[i] for i in order[:cfg.probe_prompts] for _ in range(G)]
         params = [SamplingParams(temperature=1.0, max_tokens=cfg.max_new_tokens,
-                                 seed=cfg.train.seed * 7919 + 10**12 + i)
+                                 seed=cfg.train.seed * 7919 + 10**12 + i, lstrip=True)
                   for i in range(len(prompts))]
         was_training = self.policy.training
         self.policy.eval()
