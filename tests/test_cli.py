@@ -178,6 +178,7 @@ def test_chat_session_commands_and_history(model_dir):
     assert "max_tokens = 4" in text and "system prompt set" in text
     assert "error:" in text and "top_p" in text  # a bad command is reported, not fatal
     assert session.system == "Be kind." and session.params.max_tokens == 4
+    assert session.params.lstrip  # a reply drops the space the chat template put before it
     assert [m["role"] for m in session.history] == ["user", "assistant"]  # after /reset + bye
 
 

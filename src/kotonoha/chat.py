@@ -19,7 +19,8 @@ class ChatSession:
     """Holds a conversation and keeps it inside the model's context window."""
 
     def __init__(self, engine: Any, tokenizer: Any, params: Any, system: str | None = None):
-        self.engine, self.tokenizer, self.params = engine, tokenizer, params
+        self.engine, self.tokenizer = engine, tokenizer
+        self.params = dataclasses.replace(params, lstrip=True)  # replies drop the template's space
         self.system = system
         self.history: list[dict[str, str]] = []
 
@@ -52,7 +53,7 @@ class ChatSession:
             self.history.pop()
             raise
         pieces = []
-        for event in self.engine.stream(ids, dataclasses.replace(self.params, lstrip=True)):
+        for event in self.engine.stream(ids, self.params):
             pieces.append(event.text)
             out.write(event.text)
             out.flush()
