@@ -232,11 +232,6 @@ class Tokenizer:
         after_assistant = False
         for k, part in enumerate(parts):
             if k % 2 == 0:  # template text
-                m = int(parts[k + 1]) if k + 1 < len(parts) else None
-                if m is not None and part.endswith(" ") and contents[m][:1].strip():
-                    # A space the template puts before a message belongs to its first word,
-                    # as BPE would merge it in the rendered text (" To", not " " + "To").
-                    part, contents[m] = part[:-1], " " + contents[m]
                 piece = self.encode_special(part) if part else []
                 flags = [0] * len(piece)
                 if after_assistant:
