@@ -104,6 +104,15 @@ def test_japanese_pre_tokens_follow_script_boundaries(tok: Tokenizer) -> None:
     assert words == ["東京", "の", "駅", "で", "コーヒー", "を", "飲", "みました", "。", "abc", "漢字"]
 
 
+def test_every_digit_is_its_own_token() -> None:
+    """Column arithmetic reads its digits back one at a time: no merge may join two digits,
+    however often a number occurs ("1040" is " 1" "0" "4" "0", the space on the first)."""
+    t = train_bpe(["The answer is 1040. In 1525, 1040 people paid 1040 yen."] * 50, 400)
+    pieces = [t.decode([i]) for i in t.encode("So the answer is 1040, not 12345.")]
+    assert pieces[pieces.index(" 1"):][:4] == [" 1", "0", "4", "0"]
+    assert all(len(p.strip()) <= 1 for p in pieces if any(ch.isdigit() for ch in p))
+
+
 def test_compression_on_both_languages() -> None:
     # Guards the pre-tokenizer: one token per character would give 1.0 (en) and ~2.8 (ja)
     # bytes/token here; merges inside words and kana/kanji runs must do much better.

@@ -77,15 +77,17 @@ END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<end_of_turn>", "<|eot_id|
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}ー"  # ー (U+30FC) has script Common, not Katakana
 # GPT-2's regex lumps a whole unspaced run of Japanese into one pre-token, so no BPE merge can
 # respect a word boundary inside it. Splitting at script changes (kanji / hiragana / katakana,
-# and Latin vs CJK) approximates morpheme boundaries for free. Digits go in groups of <= 3 so
-# numbers share tokens. Letters include combining marks so decomposed "é" stays in its word.
+# and Latin vs CJK) approximates morpheme boundaries for free. Every digit is its own token
+# (as in Llama 2, SmolLM2, Gemma): column arithmetic writes digits one at a time and its answer
+# must read them back, which a model cannot learn when "1040" is the tokens " 104" + "0".
+# Letters include combining marks so decomposed "é" stays in its word.
 SPLIT_PATTERN: str = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
     r"| ?\p{Han}+"
     r"| ?\p{Hiragana}+"
     r"| ?[\p{Katakana}ー]+"
     rf"| ?(?:(?![{_CJK}])[\p{{L}}\p{{M}}])+"
-    r"| ?\p{N}{1,3}"
+    r"| ?\p{N}"
     r"| ?[^\s\p{L}\p{M}\p{N}]+"
     r"|\s*[\r\n]+"
     r"|\s+(?!\S)"
