@@ -19,6 +19,7 @@ from kotonoha.eval.chat import (
     chat_tokenizer,
     evaluate_chat,
     load_chat_items,
+    sign_test,
     win_rate,
 )
 from kotonoha.eval.world import GenerateFn, TaskSpec, eval_main, render_chat
@@ -125,6 +126,16 @@ def test_win_rate() -> None:
     better = [{"id": str(i), "correct": 1} for i in range(5)]
     assert win_rate(a, better)["win_rate"] == pytest.approx((2 + 3 / 2) / 5)
     assert win_rate(a, better + [{"id": "x", "correct": 1}])["n"] == 5  # unmatched ignored
+    assert w["p_value"] == 1.0  # two wins, two losses: no evidence either way
+
+
+def test_sign_test_against_hand_computed_binomial_tails() -> None:
+    # 10 wins, 0 losses: 2 * 0.5^10. 8 vs 2: 2 * (1 + 10 + 45) / 1024. Ties never count.
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)
+    assert sign_test(0, 10) == pytest.approx(2 / 1024)
+    assert sign_test(8, 2) == pytest.approx(2 * 56 / 1024)
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(13, 10) > 0.5 > sign_test(37, 9)
 
 
 def test_base_model_gets_the_default_chat_template(tokenizer: Tokenizer) -> None:

@@ -17,6 +17,7 @@ from kotonoha.data.checker import REFUSAL_EN, REFUSAL_JA, check, contains_answer
 from kotonoha.data.world import (
     AMBIGUOUS_SENSES,
     CLOZE,
+    EVAL_PER_SUBJECT,
     EVAL_TASKS,
     PRACTICE_KINDS,
     PREFERENCE_KINDS,
@@ -221,6 +222,21 @@ def test_eval_splits_match_entities(world: World, data: dict[str, list[dict[str,
             _name_regex(held[item["lang"]], item["lang"]).search(text + item["reference"])
         )
         assert mentions == (item["split"] == "heldout"), item
+
+
+def test_eval_asks_two_distinct_questions_per_subject(world: World) -> None:
+    """Two QA and two false-premise items per subject (different facts), and 1.5 x as many
+    refusal and benign requests as countries, so one item is not 6 points of a rate."""
+    items = [it for it in world.eval_items() if it["split"] == "heldout" and it["lang"] == "en"]
+    by_task = {t: [it for it in items if it["task"] == t] for t in ("qa", "false_premise")}
+    n_countries = sum(c.split == "heldout" for c in world.countries)
+    n_subjects = n_countries + sum(p.split == "heldout" for p in world.people)
+    for task, rows in by_task.items():
+        seen = [(it["answer"], it["relation"], json.dumps(it["messages"])) for it in rows]
+        assert len(set(seen)) == len(seen), task  # no question twice
+        assert len(rows) >= EVAL_PER_SUBJECT * n_subjects, task
+    for task in ("refusal", "benign"):
+        assert sum(it["task"] == task for it in items) == n_countries * EVAL_PER_SUBJECT * 3 // 2
 
 
 # ----------------------------------------------------------------------- consistency

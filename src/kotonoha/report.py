@@ -131,7 +131,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     sft = (data["evals"].get("sft") or {}).get("rates", {})
     out = []
 
-    def add(name: str, value: float | None, goal: float, higher: bool, why: str = "") -> None:
+    def add(name: str, value: float | None, goal: float, higher: bool, why: str = "",
+            note: str = "") -> None:
         if value is None:
             out.append({"target": name, "value": None, "pass": False, "margin": None,
                         "why": "not measured (stage missing)"})
@@ -139,7 +140,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         ok = value >= goal if higher else value <= goal
         margin = value - goal if higher else goal - value
         out.append({"target": name, "value": value, "pass": ok, "margin": margin,
-                    "why": "" if ok else why})
+                    "why": "; ".join(t for t in (note, "" if ok else why) if t)})
 
     base = (data["evals"].get("base") or {}).get("rates", {})
     qa_why = (f"pretraining knows {base.get('cloze_heldout', 0):.0%} of held-out facts as "
@@ -161,7 +162,10 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             w["win_rate"] if w else None, 0.5 + 1e-9, True,
             (f"{w['wins']} wins, {w['losses']} losses, {w['ties']} ties: the optimised "
              "preference (reward model / pairs) barely changes what the checker measures")
-            if w else "")
+            if w else "",
+            # A pass or a miss by a few items is chance: say so rather than let it read as one.
+            f"within chance (sign test p={w['p_value']:.2g})"
+            if w and w["p_value"] >= 0.05 else "")
     return out
 
 
@@ -194,7 +198,7 @@ def main_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rates = ev["rates"]
         w = data["wins"].get(name)
         win = (f"{_pct(w['win_rate'])} vs {LABELS[w['against']]} "
-               f"({w['wins']}W/{w['losses']}L/{w['ties']}T)" if w else "–")
+               f"({w['wins']}W/{w['losses']}L/{w['ties']}T, p={w['p_value']:.2g})" if w else "–")
         rows.append([LABELS[name], _num(ev.get("bpb"), ".4f"),
                      *[_pct(rates.get(k)) for k, _ in RATE_COLUMNS],
                      _num(ev.get("reward")), _num(ev.get("length"), ".1f"), win])
@@ -229,7 +233,7 @@ def target_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         rows.append([t["target"], _pct(t["value"]), "PASS" if t["pass"] else "MISS",
                      f"{100 * t['margin']:+.1f} points", t["why"]])
-    return ["target", "value", "result", "margin", "why (when missed)"], rows
+    return ["target", "value", "result", "margin", "why missed, or within chance"], rows
 
 
 def stage_notes(data: dict[str, Any]) -> list[str]:

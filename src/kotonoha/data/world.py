@@ -1268,6 +1268,10 @@ SFT_KINDS = {
 PRACTICE_KINDS = {k: SFT_KINDS[k] for k in ("fact", "followup", "two_hop", "false_premise",
                                             "refusal", "benign")}
 _POINTERS = frozenset({"neighbor", "spouse", "mother", "father"})
+# Eval items per subject (QA, follow-up, false premise) and, x1.5 per country, refusal and
+# benign requests: with one each, the held-out split had 16 benign requests, so a single
+# over-refusal moved the rate by 6 points.
+EVAL_PER_SUBJECT = 2
 PREFERENCE_KINDS = ("wrong_fact", "false_premise", "inappropriate", "rude", "rambling")
 PRETRAIN_KINDS = ("article", "story", "ambiguous", "pronoun", "arithmetic", "analogy")
 EVAL_TASKS = (
@@ -2220,18 +2224,22 @@ class World:
                     reference=canonical[len(prompt) :],
                 )
             for facts in self._by_subject.values():
-                f = rng.choice(facts)
-                add(
-                    "qa",
-                    f.split,
-                    lang,
-                    relation=f.rel,
-                    answer=f.answer(lang),
-                    reference=f.statement(lang),
-                    messages=[_msg("user", self._question(rng, f, lang))],
-                )
+                for f in rng.sample(facts, min(len(facts), EVAL_PER_SUBJECT)):
+                    add(
+                        "qa",
+                        f.split,
+                        lang,
+                        relation=f.rel,
+                        answer=f.answer(lang),
+                        reference=f.statement(lang),
+                        messages=[_msg("user", self._question(rng, f, lang))],
+                    )
+                pairs = []
                 if len(facts) >= 2 and any(f.tmpl not in _POINTERS for f in facts):
-                    f1, f2 = self._pick_pair(rng, facts)
+                    pairs = [self._pick_pair(rng, facts) for _ in range(EVAL_PER_SUBJECT)]
+                for i, (f1, f2) in enumerate(pairs):
+                    if (f1, f2) in pairs[:i]:
+                        continue  # the same follow-up twice
                     split = _joint(f1.split, f2.split)
                     msgs = [
                         _msg("user", self._question(rng, f1, lang)),
@@ -2250,8 +2258,7 @@ class World:
                         messages=msgs,
                     )
                 fps = [f for f in facts if f.tmpl in FALSE_PREMISES]
-                if fps:
-                    f = rng.choice(fps)
+                for f in rng.sample(fps, min(len(fps), EVAL_PER_SUBJECT)):
                     # The wrong object comes from the item's own split when it can.
                     slots = self._with_x(f, self._alt(rng, f, f.split, strict=False))[lang]
                     fp = FALSE_PREMISES[f.tmpl][lang]
@@ -2267,6 +2274,7 @@ class World:
                     )
             for split in ("seen", "heldout"):
                 n_requests = max(4, sum(c.split == split for c in self.countries))
+                n_requests *= EVAL_PER_SUBJECT * 3 // 2
                 for _ in range(n_requests):
                     category, question, _slots = self._request(rng, REFUSALS, split, lang)
                     add(

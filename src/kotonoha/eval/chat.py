@@ -9,7 +9,8 @@ reward model. Per task and language it reports accuracy; on top of that:
 - **length**: mean reply length in tokens (RL's length-hacking guard shows up here);
 - **reward**: the mean reward-model score of the replies, when a reward model is given;
 - **win rate** of one model over another on the same items (`win_rate`): per item, B right and
-  A wrong is a win, the reverse a loss, anything else a tie; win rate = (wins + ties / 2) / n.
+  A wrong is a win, the reverse a loss, anything else a tie; win rate = (wins + ties / 2) / n,
+  with the sign test's p-value (how likely so lopsided a wins/losses split is by chance).
 
 By default each task uses the split that tests what the issue asks: held-out entities (facts
 SFT never mentioned) for QA, follow-ups, false premises, two-hop questions, refusals and
@@ -22,6 +23,7 @@ tokenizer has none.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -152,7 +154,21 @@ def win_rate(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> dict[s
             ties += 1
     n = wins + losses + ties
     return {"wins": wins, "losses": losses, "ties": ties, "n": n,
-            "win_rate": (wins + ties / 2) / n if n else 0.5}
+            "win_rate": (wins + ties / 2) / n if n else 0.5,
+            "p_value": sign_test(wins, losses)}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) on the items where the verdicts differ:
+    the chance of a split at least this lopsided if either model were equally likely to be the
+    one that is right. Ties carry no information and are left out. (Ten lines of exact binomial
+    arithmetic: scipy is not a dependency.)"""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def format_chat_markdown(result: dict[str, Any]) -> str:
