@@ -228,6 +228,25 @@ def test_tiny_rl_run_raises_the_reward(setup: Path) -> None:
     assert len(rollouts) == 8 and json.loads(rollouts[0])["samples"]
 
 
+def test_arithmetic_reward_run_scores_only_arithmetic_eval_items(setup: Path,
+                                                                  tmp_path: Path) -> None:
+    """reward=arithmetic with QA among the held-out eval tasks: the eval reward is the mean over
+    arithmetic items (a QA item's answer is a name, which the arithmetic rule cannot read)."""
+    from kotonoha.data.world import write_world
+
+    write_world(tmp_path / "world", seed=0, scale=0.05, show_progress=False)
+    sums = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": i + 1}
+            for i in range(4)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sums))
+    run_dir = run_rl(config(setup, "rl-arith", "reward=arithmetic", "train.steps=1",
+                            f"prompts={tmp_path / 'sums.jsonl'}", f"world={tmp_path / 'world'}",
+                            "eval_tasks=[qa,arithmetic]", "eval_items=1", "probe_prompts=0"))
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "eval_reward" in r]
+    assert evals and all(0.0 <= r["eval_reward"] <= 1.0 for r in evals)
+    assert all("eval_qa" in r and "eval_arithmetic" in r for r in evals)
+
+
 def test_lora_rl_run_uses_the_adapter_free_model_as_reference(setup: Path) -> None:
     """With lora= the policy trains adapters only; the KL reference is the same model with
     its adapters off, so KL starts at 0 and grows; the run saves the adapter and the merge."""

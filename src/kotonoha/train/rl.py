@@ -694,7 +694,8 @@ def _make_evaluate(cfg: RLConfig, run: RLRun, tok: Any,
     items = (load_chat_items(cfg.world, tasks=cfg.eval_tasks, split=cfg.eval_split,
                              max_items=cfg.eval_items) if cfg.eval_items else [])
     by_id = {item["id"]: item for item in items}
-    # The arithmetic reward needs an answer to check against; the others score any item.
+    # The arithmetic reward scores arithmetic items only (a QA item's answer is a name, not a
+    # number); the other rewards score any item.
     verifiable = cfg.reward == "arithmetic"
 
     def evaluate(_: nn.Module) -> dict[str, float]:
@@ -708,7 +709,7 @@ def _make_evaluate(cfg: RLConfig, run: RLRun, tok: Any,
         out["eval_accuracy"] = result["accuracy"]
         out["eval_length"] = result["length"]
         rows = [r for r in result["items"]
-                if not verifiable or by_id[r["id"]].get("answer") is not None]
+                if not verifiable or by_id[r["id"]]["task"] == "arithmetic"]
         if rows:
             scores = run.reward_fn([by_id[r["id"]] for r in rows],
                                    [r["response"] for r in rows])
