@@ -160,13 +160,21 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         w = data["wins"].get(name)
         add(f"{LABELS[name]} beats SFT on the checker's win rate (> 50%)",
             w["win_rate"] if w else None, 0.5 + 1e-9, True,
-            (f"{w['wins']} wins, {w['losses']} losses, {w['ties']} ties: the optimised "
-             "preference (reward model / pairs) barely changes what the checker measures")
-            if w else "",
+            _win_why(w) if w else "",
             # A pass or a miss by a few items is chance: say so rather than let it read as one.
             f"within chance (sign test p={w['p_value']:.2g})"
             if w and w["p_value"] >= 0.05 else "")
     return out
+
+
+def _win_why(w: dict[str, Any]) -> str:
+    """Why a stage did not beat the one before: it changed almost nothing, or it changed
+    verdicts and at least as many went the wrong way."""
+    counts = f"{w['wins']} wins, {w['losses']} losses, {w['ties']} ties"
+    if w["wins"] + w["losses"] < 0.05 * w["n"]:
+        return (f"{counts}: the optimised preference (reward model / pairs) barely changes "
+                "what the checker measures")
+    return f"{counts}: of the verdicts it changed, at least as many went the wrong way"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,27 @@
+"""The report card's targets table: pass/miss, the reason for a miss, and chance."""
+
+from kotonoha.eval.chat import sign_test
+from kotonoha.report import targets
+
+
+def _win(wins: int, losses: int, ties: int) -> dict:
+    n = wins + losses + ties
+    return {"against": "sft", "wins": wins, "losses": losses, "ties": ties, "n": n,
+            "win_rate": (wins + ties / 2) / n, "p_value": sign_test(wins, losses)}
+
+
+def test_win_rate_targets_say_when_they_are_chance_and_why_they_missed() -> None:
+    sft = {"qa": 0.9, "false_premise": 0.85, "refusal": 1.0, "over_refusal": 0.0}
+    data = {"evals": {"sft": {"split": "default", "rates": sft}},
+            "wins": {"rl": _win(15, 28, 515), "dpo": _win(37, 9, 512)}}
+    rows = {t["target"].split(" ")[0]: t for t in targets(data)}
+    rl, dpo = rows["RL"], rows["DPO"]
+    assert not rl["pass"] and dpo["pass"]
+    # 43 changed verdicts of 558: not "barely changes"; p = 0.066 is within chance.
+    assert "within chance (sign test p=0.066)" in rl["why"]
+    assert "at least as many went the wrong way" in rl["why"]
+    assert dpo["why"] == ""  # p = 4e-5: a real win needs no note
+    data["wins"]["rl"] = _win(2, 4, 323)
+    rl = next(t for t in targets(data) if t["target"].startswith("RL"))
+    assert "barely changes" in rl["why"] and "within chance" in rl["why"]
+    assert all(t["pass"] for t in targets(data) if t["target"].startswith("SFT"))
