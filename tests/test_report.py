@@ -1,7 +1,7 @@
 """The report card's targets table: pass/miss, the reason for a miss, and chance."""
 
 from kotonoha.eval.chat import sign_test
-from kotonoha.report import targets
+from kotonoha.report import copied_share, language_table, targets
 
 
 def _win(wins: int, losses: int, ties: int) -> dict:
@@ -25,3 +25,25 @@ def test_win_rate_targets_say_when_they_are_chance_and_why_they_missed() -> None
     rl = next(t for t in targets(data) if t["target"].startswith("RL"))
     assert "barely changes" in rl["why"] and "within chance" in rl["why"]
     assert all(t["pass"] for t in targets(data) if t["target"].startswith("SFT"))
+
+
+def test_copied_sft_replies_are_counted_and_explain_a_qa_miss() -> None:
+    training = {"Kavis Gafok works as a florist.", "The capital of Emafia is Ruk."}
+    items = [
+        {"task": "qa", "lang": "en", "response": "Kavis Gafok works as a florist. "},  # copied
+        {"task": "qa", "lang": "en", "response": "Ebos Pezar works as a baker."},
+        {"task": "followup", "lang": "ja", "response": "The capital of Emafia is Ruk."},
+        {"task": "two_hop", "lang": "en", "response": "Emafia."},
+        # a refusal may be a training reply word for word and still be right: not counted
+        {"task": "refusal", "lang": "en", "response": "The capital of Emafia is Ruk."},
+    ]
+    assert copied_share(items, training) == 0.5
+    assert copied_share(items[4:], training) is None
+    sft = {"qa": 0.75, "qa_seen": 0.98, "false_premise": 0.85, "refusal": 1.0,
+           "over_refusal": 0.0}
+    data = {"evals": {"sft": {"split": "default", "rates": sft, "tasks": {}}},
+            "wins": {}, "copied": {"sft": 0.5}}
+    qa = next(t for t in targets(data) if "QA" in t["target"])
+    assert not qa["pass"] and "50% of its replies about held-out entities repeat" in qa["why"]
+    headers, rows = language_table(data)
+    assert headers[-1] == "copied SFT replies" and rows[0][-1] == "50.0%"

@@ -33,6 +33,9 @@ RATE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("qa", "QA (held-out)"), ("followup", "follow-up"), ("false_premise", "false premise"),
     ("refusal", "refusal"), ("over_refusal", "over-refusal"), ("arithmetic", "arithmetic"),
     ("two_hop", "two-hop"))
+# Tasks about held-out entities, where a reply that is word for word one of SFT's training
+# replies can only be about another entity: SFT learned that reply by heart.
+COPY_TASKS = ("qa", "followup", "false_premise", "two_hop")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,13 +105,38 @@ def collect(root: Path) -> dict[str, Any]:
         done = _read_json(d / "DONE.json") if d.is_dir() else None
         if done:
             stages[d.name] = done
+    sft_replies = _assistant_replies(root / "world" / "sft.jsonl")
+    copied = {name: copied_share(ev["items"], sft_replies)
+              for name, ev in evals.items() if sft_replies}
     return {
-        "root": str(root), "evals": evals, "wins": wins, "stages": stages,
+        "root": str(root), "evals": evals, "wins": wins, "stages": stages, "copied": copied,
         "reward": _read_json(root / "reward" / "reward_eval.json"),
         "rl": _read_json(root / "rl" / "summary.json"),
         "dpo": _read_json(root / "dpo" / "dpo_eval.json"),
         "world_items": _world_items(root / "world" / "eval.jsonl"),
     }
+
+
+def _assistant_replies(path: Path) -> set[str]:
+    """Every assistant reply of a conversation file (the world's SFT set), stripped."""
+    if not path.is_file():
+        return set()
+    replies = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            replies.update(m["content"].strip() for m in json.loads(line)["messages"]
+                           if m["role"] == "assistant")
+    return replies
+
+
+def copied_share(items: Sequence[dict[str, Any]], training_replies: set[str]) -> float | None:
+    """The share of replies to held-out-entity items (`COPY_TASKS`) that are a training reply
+    word for word: an answer about another entity, recalled instead of worked out."""
+    about_heldout = [r for r in items if r["task"] in COPY_TASKS]
+    if not about_heldout:
+        return None
+    return sum(r["response"].strip() in training_replies
+               for r in about_heldout) / len(about_heldout)
 
 
 def _world_items(path: Path) -> dict[str, dict[str, Any]]:
@@ -146,6 +174,10 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     qa_why = (f"pretraining knows {base.get('cloze_heldout', 0):.0%} of held-out facts as "
               f"cloze completions and SFT answers {sft.get('qa_seen', 0):.0%} of seen-entity "
               "questions: held-out QA is bounded by the first and transfers from the second")
+    copied = data.get("copied", {}).get("sft")
+    if copied:
+        qa_why += (f"; {copied:.0%} of its replies about held-out entities repeat an SFT "
+                   "training reply word for word (about another entity)")
     split = split_label(data)
     if split == "seen":
         qa_why = "evaluated on seen entities: this run is too small for the demo's targets"
@@ -217,7 +249,7 @@ def language_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Accuracy per task and language, plus the diagnostic columns (seen QA, cloze)."""
     tasks = [k for k, _ in RATE_COLUMNS if k != "over_refusal"]
     headers = ["model", *[f"{t} {lang}" for t in tasks for lang in ("en", "ja")],
-               "QA (seen)", "cloze (held-out)"]
+               "QA (seen)", "cloze (held-out)", "copied SFT replies"]
     rows = []
     for name, _, _ in ROWS:
         ev = data["evals"].get(name)
@@ -229,7 +261,8 @@ def language_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 c = ev["tasks"].get(t, {}).get(lang)
                 cells.append(_pct(c["accuracy"]) if c else "–")
         rows.append([LABELS[name], *cells, _pct(ev["rates"].get("qa_seen")),
-                     _pct(ev["rates"].get("cloze_heldout"))])
+                     _pct(ev["rates"].get("cloze_heldout")),
+                     _pct(data.get("copied", {}).get(name))])
     return headers, rows
 
 
@@ -468,7 +501,9 @@ def write_report(root: str | Path, *, samples: int = 6) -> dict[str, Path]:
              "look-alikes (over-refusal = benign requests declined); arithmetic on unseen "
              "problems of trained operand lengths. The base model is prompted as a chat with the "
              "default ChatML template. Win rate: per item, right where the other was wrong is a "
-             "win; (wins + ties/2) / items.")
+             "win; (wins + ties/2) / items. Copied SFT replies: the share of replies about "
+             "held-out entities that are one of SFT's training replies word for word, so about "
+             "another entity (learned by heart rather than answered).")
     if split_label(data) == "seen":
         intro += (" NOTE: this run was evaluated on SEEN entities (eval.split: seen), the ones "
                   "SFT talked about, because it is too small to have learned held-out facts.")
