@@ -38,7 +38,7 @@ from kotonoha.data.world import generate_world
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, preset
 from kotonoha.tokenizer import CHATML_TEMPLATE, GEMMA_TEMPLATE, Tokenizer, train_bpe
-from kotonoha.train.sft import SFTConfig, sft_loss, sft_main
+from kotonoha.train.sft import SFTConfig, add_embedding_noise, sft_loss, sft_main
 
 SFT_TINY = CONFIGS / "sft-tiny.yaml"
 
@@ -163,11 +163,12 @@ def test_packing_keeps_every_assistant_token_in_fewer_rows() -> None:
     assert all(len(ids) <= 129 for ids, _ in packed.examples)
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("noise", [[], ["neftune_alpha=5"]], ids=["plain", "neftune"])
+def test_resume_continues_exactly(tmp_path: Path, noise: list[str]) -> None:
     data = write_jsonl(tmp_path / "sft.jsonl", conversations())
     base = make_base(tmp_path / "base")
     common = [f"data={data}", f"init_from={base}", "val_fraction=0", "train.schedule=constant",
-              "train.warmup_steps=2", *FAST]
+              "train.warmup_steps=2", *FAST, *noise]
     whole = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'a'}", "train.steps=12"], False)
     sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=6"], False)
     with pytest.raises(UserError, match="--resume"):  # the trainer core refuses to overwrite
@@ -175,6 +176,23 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     resumed = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12"], True)
     a, b = (read_safetensors(r / "model.safetensors") for r in (whole, resumed))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_neftune_noise_is_bounded_and_only_while_training() -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64, context_length=32))
+    ids = torch.randint(0, 64, (2, 20))
+    clean = model.embed(ids).detach()
+    add_embedding_noise(model, alpha=5.0)
+    model.train()
+    noisy = model.embed(ids).detach()
+    bound = 5.0 / (20 * model.cfg.d_model) ** 0.5
+    assert 0.5 * bound < (noisy - clean).abs().max() <= bound
+    assert not torch.equal(noisy, model.embed(ids).detach())  # fresh noise every forward
+    model.eval()
+    assert torch.equal(model.embed(ids), clean)
+    with pytest.raises(UserError, match="neftune_alpha"):
+        SFTConfig(neftune_alpha=-1)
 
 
 def test_chat_template_for_models_without_one(tmp_path: Path) -> None:

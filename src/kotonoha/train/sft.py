@@ -73,12 +73,17 @@ class SFTConfig:
     # Oversampling by the rows' "kind" field, e.g. {false_premise: 3}: each training
     # conversation of that kind counts 3 times (the world's kinds; see docs/WORLD.md).
     kind_weights: dict[str, float] = field(default_factory=dict)
+    # NEFTune: uniform noise of +-alpha/sqrt(width * d_model) added to the token embeddings
+    # while training (never when evaluating), so SFT cannot learn replies by heart as easily.
+    neftune_alpha: float = 0.0
     lora: str | LoRAConfig | None = None  # e.g. "r=16,alpha=32"; None = full fine-tuning
     merge_lora: bool = True  # also write the merged model (what chat and later stages load)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         self.lora = parse_lora(self.lora)
+        if self.neftune_alpha < 0:
+            raise UserError(f"neftune_alpha must be >= 0, got {self.neftune_alpha}.")
         if self.replay_fraction < 0:
             raise UserError(f"replay_fraction must be >= 0, got {self.replay_fraction}.")
         if not isinstance(self.kind_weights, dict) or not all(
@@ -195,6 +200,20 @@ def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
     return evaluate
 
 
+def add_embedding_noise(model: nn.Module, alpha: float) -> None:
+    """NEFTune (Jain et al., 2023): while the model trains, add uniform noise in
+    +-alpha / sqrt(width * d_model) to its token embeddings, with width the batch's row length.
+    A hook on the embedding, so the model file and its forward stay as they are."""
+
+    def noisy(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor | None:
+        if not module.training:
+            return None  # evaluation and export see the plain embeddings
+        bound = alpha / math.sqrt(out.size(-2) * out.size(-1))
+        return out + torch.empty_like(out).uniform_(-bound, bound)
+
+    model.embed.register_forward_hook(noisy)
+
+
 def replay_documents(cfg: SFTConfig, n_conversations: int) -> list[str]:
     """A seeded sample of `replay_fraction * n_conversations` documents of `replay_data`."""
     if not cfg.replay_fraction:
@@ -239,6 +258,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
     if lora is not None:
         apply_lora(model, lora)
+    if cfg.neftune_alpha:
+        add_embedding_noise(model, cfg.neftune_alpha)
     write_config(run_dir, cfg, d)
 
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // d.world_size)
