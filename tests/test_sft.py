@@ -191,6 +191,17 @@ def test_neftune_noise_is_bounded_and_only_while_training() -> None:
     assert not torch.equal(noisy, model.embed(ids).detach())  # fresh noise every forward
     model.eval()
     assert torch.equal(model.embed(ids), clean)
+
+
+def test_neftune_alpha_reaches_training(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "sft.jsonl", conversations())
+    base = make_base(tmp_path / "base")
+    common = [f"data={data}", f"init_from={base}", "val_fraction=0", "train.steps=3", *FAST]
+    plain = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'plain'}"], False)
+    noisy = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'noisy'}", "neftune_alpha=5"],
+                     False)
+    assert losses(plain)[0] != losses(noisy)[0]  # the very first forward already differs
+    assert "neftune_alpha: 5" in (noisy / "config.yaml").read_text()
     with pytest.raises(UserError, match="neftune_alpha"):
         SFTConfig(neftune_alpha=-1)
 

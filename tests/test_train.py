@@ -321,3 +321,13 @@ def test_throughput_leaves_out_evaluations_between_log_lines(
     assert rates == {4: 32.0, 8: 32.0, 12: 32.0}  # 8 rows x 4 values per 1-s step
     assert [r["step"] for r in logs if "val_loss" in r] == [5, 10, 12]
     assert max(r["elapsed_s"] for r in logs if "elapsed_s" in r) == 12.0
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else a run that measures it and one that resumes draw different dropout or noise."""
+    monkeypatch.setattr(loop, "_measured_peak", {})
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    assert loop.measure_matmul_peak(torch.device("cpu"), n=64, seconds=0.01) > 0
+    assert torch.equal(torch.rand(4), expected)
