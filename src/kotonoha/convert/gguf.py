@@ -605,8 +605,10 @@ def _tokenizer_metadata(w: GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
         w.add_tokenizer_model("gpt2")
         pre = _pre_name(pres)
         exact = pre is not None
-        # Our script-aware split has no llama.cpp name; GPT-2's regex is its closest relative
-        # (no learned merge crosses a script boundary, so only long digit runs tokenize apart).
+        # Our script-aware split has no llama.cpp name; GPT-2's regex is its closest relative.
+        # Digits match (no merge joins two; ours splits them, GPT-2's keeps runs); only the bytes
+        # of a character that is not one token can merge across a script boundary there (none
+        # in the world's text at the demo's vocabulary; tests/test_gguf.py).
         w.add_tokenizer_pre(pre or "gpt-2")
         w.add_token_merges(merges)
     elif model.get("byte_fallback"):
