@@ -242,9 +242,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     """
     key = (str(device), dtype)
     if key not in _measured_peak:
-        # A generator of its own: the global one would shift a run's randomness (dropout,
-        # embedding noise) by whether and when this process measured the peak (after the seed
-        # in a fresh run, after the restored state in a resumed one), and resuming is exact.
+        # A generator of its own: drawing from the global one would shift a run's randomness
+        # (dropout, embedding noise) by when this process measured the peak (after the seed in
+        # a fresh run, after the restored state in a resumed one), so a resume would not be exact.
         gen = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
         b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
