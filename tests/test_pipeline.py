@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kotonoha.data.world import PRACTICE_KINDS
 from kotonoha.errors import UserError
 from kotonoha.pipeline import STAGES, load_pipeline_config, pipeline_main, wire
 
@@ -102,3 +103,41 @@ def test_config_wiring_and_errors(tmp_path: Path) -> None:
         load_pipeline_config(TINY, ["stages=[world,nonsense]"])
     with pytest.raises(UserError, match="Unknown setting"):
         load_pipeline_config(TINY, ["sft.nonsense=1"])
+
+
+@pytest.mark.slow
+def test_sft_candidates_keep_the_best_on_the_practice_questions(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [f"out={out}", *QUIET, "stages=[world,tokenizer,data,pretrain,sft,report]",
+            "world.scale=0.05", "pretrain.train.steps=30", "sft.train.steps=12",
+            "sft.replay_fraction=0", "sft_candidates=2"]
+    done = pipeline_main(TINY, args)
+    sft = out / "sft"
+    scores = {seed: read(sft / "candidates" / f"seed_{seed}" / "practice.json")
+              for seed in (0, 1)}
+    for s in scores.values():
+        assert 0 < s["asked"] <= 40 and 0 <= s["accuracy"] <= 1  # those that fit the context
+        assert {"fact", "refusal"} <= set(s["by_kind"]) <= set(PRACTICE_KINDS)
+    # The two seeds trained differently, and sft/ holds the better one's model.
+    a, b = ((sft / "candidates" / f"seed_{seed}" / "model.safetensors").read_bytes()
+            for seed in (0, 1))
+    assert a != b
+    chosen = read(sft / "selection.json")["chosen_seed"]
+    assert scores[chosen]["accuracy"] == max(s["accuracy"] for s in scores.values())
+    assert (sft / "model.safetensors").read_bytes() == (a, b)[chosen]
+    assert done["sft"]["summary"]["chosen_seed"] == chosen
+    assert f"Seed {chosen} is the SFT row" in (out / "report.md").read_text(encoding="utf-8")
+    # A rerun after an interrupted selection reuses the finished candidates and their scores:
+    # made-up scores that favour the other seed make sft/ that seed's model.
+    other = 1 - chosen
+    for seed, accuracy in ((chosen, 0.1), (other, 0.9)):
+        path = sft / "candidates" / f"seed_{seed}" / "practice.json"
+        path.write_text(json.dumps({**scores[seed], "accuracy": accuracy}), encoding="utf-8")
+    (sft / "DONE.json").unlink()
+    t0 = time.perf_counter()
+    pipeline_main(TINY, args)
+    assert time.perf_counter() - t0 < 10  # no SFT run again
+    assert (sft / "model.safetensors").read_bytes() == (a, b)[other]
+    assert read(sft / "selection.json")["chosen_seed"] == other
+    with pytest.raises(UserError, match="sft_candidates"):
+        load_pipeline_config(TINY, ["sft_candidates=0"])

@@ -183,8 +183,8 @@ def test_practice_entities_are_only_in_pretraining_and_practice(
     world: World, data: dict[str, list[dict[str, Any]]]
 ) -> None:
     practice, held = world.names("practice"), world.names("heldout")
-    assert sum(c.split == "practice" for c in world.countries) == 4
-    assert sum(p.split == "practice" for p in world.people) >= 4
+    assert sum(c.split == "practice" for c in world.countries) == 6
+    assert len({p.family.en for p in world.people if p.split == "practice"}) == 4
     texts = {
         "sft": [_sft_text(c) for c in data["sft"]],
         "eval": [json.dumps(i, ensure_ascii=False) for i in data["eval"]],
@@ -518,3 +518,21 @@ def test_sft_checks_accept_their_own_replies_and_reject_others(
         other = next(r for r in group if r["check"]["answer"] != first["check"]["answer"]
                      and first["check"]["answer"] not in r["messages"][-1]["content"])
         assert not check(first["check"], other["messages"][-1]["content"]), task
+
+
+def test_practice_share_sets_aside_more_entities_and_keeps_pretraining() -> None:
+    def practice(w: World) -> tuple[int, int]:
+        return (sum(c.split == "practice" for c in w.countries),
+                len({p.family.en for p in w.people if p.split == "practice"}))
+
+    fewer, more = generate_world(0, 0.05, 0.125), generate_world(0, 0.05, 0.25)
+    assert practice(fewer) == (4, 2)
+    assert practice(more) == (6, 4)  # 8 countries asked for; only 6 qualify (see PRACTICE_SHARE)
+    assert more.to_json()["practice_share"] == 0.25
+    # Which seen entities are set aside changes what SFT and practice ask, never the pretraining
+    # text, so a pretrained model serves worlds that differ only in this share.
+    assert fewer.pretrain_documents() == more.pretrain_documents()
+    assert fewer.sft_conversations() != more.sft_conversations()
+    for bad in (0, 0.75, "x"):
+        with pytest.raises(UserError, match="practice_share"):
+            generate_world(0, 0.05, bad)

@@ -172,7 +172,11 @@ def cmd_data_world(args: argparse.Namespace) -> None:
 
     if args.scale <= 0:
         raise UserError("--scale must be a positive number (1.0 is about 4 MB of text).")
-    stats = write_world(args.out, seed=args.seed, scale=args.scale, show_progress=True)
+    from kotonoha.data.world import PRACTICE_SHARE
+
+    share = PRACTICE_SHARE if args.practice_share is None else args.practice_share
+    stats = write_world(args.out, seed=args.seed, scale=args.scale, practice_share=share,
+                        show_progress=True)
     for name, st in stats.items():
         print(f"{name:<20} {st['lines']:>9,} lines {st['bytes'] / 1e6:>9.2f} MB")
     print(f"world (seed {args.seed}, scale {args.scale}) written to {args.out}")
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scale", type=float, default=1.0, help="1.0 ~ 4 MB, 60 ~ 200 MB")
+    d.add_argument("--practice-share", type=float, default=None,
+                   help="share of countries and families kept for practice.jsonl only "
+                        "(default: the world's PRACTICE_SHARE)")
     d.set_defaults(func=cmd_data_world)
     d = dsub.add_parser("prepare", help="tokenize text into memory-mapped shards")
     d.add_argument("--source", nargs="+", required=True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any
 
 from kotonoha.checkpoint import atomic_write_json, atomic_write_text
 from kotonoha.config import dump_yaml, load_config
+from kotonoha.data.world import PRACTICE_SHARE
 from kotonoha.errors import UserError
 from kotonoha.eval.chat import CHAT_TASKS
 from kotonoha.train.dpo import DPOConfig
@@ -52,6 +54,7 @@ MODEL_DIRS = {"base": "pretrain", "sft": "sft", "rl": "rl", "dpo": "dpo"}
 class WorldStage:
     seed: int = 0
     scale: float = 1.0
+    practice_share: float = PRACTICE_SHARE  # countries and families kept for RL/DPO practice
 
 
 @dataclass
@@ -92,8 +95,15 @@ class PipelineConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalStage = field(default_factory=EvalStage)
+    # SFT runs to train, with seeds sft.train.seed, +1, ...: the one that answers most of the
+    # world's practice questions (a dev set neither SFT nor the eval uses) becomes `sft/`, the
+    # others stay in `sft/candidates/`. One SFT run's held-out QA depends on its seed by up to
+    # 15 points (PIPELINE.md section 5); each candidate costs a whole SFT run.
+    sft_candidates: int = 1
 
     def __post_init__(self) -> None:
+        if self.sft_candidates < 1:
+            raise UserError(f"sft_candidates must be at least 1, got {self.sft_candidates}.")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise UserError(f"Unknown pipeline stage(s) {', '.join(unknown)}; the stages are "
@@ -134,7 +144,7 @@ def stage_world(cfg: PipelineConfig, resume: bool) -> dict[str, Any]:
     from kotonoha.data.world import write_world
 
     stats = write_world(cfg.path("world"), seed=cfg.world.seed, scale=cfg.world.scale,
-                        show_progress=_progress(cfg))
+                        practice_share=cfg.world.practice_share, show_progress=_progress(cfg))
     return {name: s["lines"] for name, s in stats.items()}
 
 
@@ -181,6 +191,58 @@ def _train_stage(name: str) -> Callable[[PipelineConfig, bool], dict[str, Any]]:
         return _last_metrics(run_dir)
 
     return run
+
+
+PRACTICE_TOKENS = 64  # reply length when the SFT candidates answer the practice questions
+
+
+def stage_sft(cfg: PipelineConfig, resume: bool) -> dict[str, Any]:
+    """One SFT run, or `sft_candidates` of them and the best on the practice questions."""
+    if cfg.sft_candidates == 1:
+        return _train_stage("sft")(cfg, resume)
+    from kotonoha.train.sft import run_sft
+
+    sft_dir = cfg.path("sft")
+    practice = cfg.path("world") / "practice.jsonl"
+    scores: dict[int, dict[str, Any]] = {}
+    for k in range(cfg.sft_candidates):
+        seed = cfg.sft.train.seed + k
+        run_dir = sft_dir / "candidates" / f"seed_{seed}"
+        score_path = run_dir / "practice.json"
+        if not score_path.is_file():  # written last: the candidate is finished
+            if _progress(cfg):
+                print(f"sft: candidate {k + 1} of {cfg.sft_candidates} (train.seed={seed})",
+                      file=sys.stderr)
+            candidate = replace(cfg.sft, out=str(run_dir), train=replace(cfg.sft.train,
+                                                                         seed=seed))
+            run_sft(candidate, run_dir.exists())
+            atomic_write_json(score_path, score_practice(run_dir, practice, cfg.sft.train.device))
+        scores[seed] = json.loads(score_path.read_text(encoding="utf-8"))
+        if _progress(cfg):
+            print(f"sft: seed {seed} answers {100 * scores[seed]['accuracy']:.1f}% of the "
+                  f"{scores[seed]['asked']} practice questions", file=sys.stderr)
+    best = max(scores, key=lambda seed: scores[seed]["accuracy"])  # a tie keeps the first
+    chosen = sft_dir / "candidates" / f"seed_{best}"
+    for path in chosen.iterdir():  # the model, its config, metrics and loss plot
+        if path.is_file() and path.name != "practice.json":
+            shutil.copyfile(path, sft_dir / path.name)
+    selection = {"chosen_seed": best, "practice": {str(s): v for s, v in scores.items()}}
+    atomic_write_json(sft_dir / "selection.json", selection)
+    return {**_last_metrics(chosen), **selection}
+
+
+def score_practice(model_dir: Path, practice: Path, device: str = "auto") -> dict[str, Any]:
+    """Greedy accuracy of the model in `model_dir` on the practice conversations."""
+    from kotonoha.checkpoint import load_model
+    from kotonoha.eval.practice import answer_checkable, practice_score
+    from kotonoha.train.loop import resolve_device
+
+    if not practice.is_file():
+        raise UserError(f"{practice} does not exist; sft_candidates > 1 needs the world's "
+                        "practice questions (the world stage writes them).")
+    model, tok = load_model(model_dir, device=resolve_device(device))
+    answers = answer_checkable(model, tok, practice, PRACTICE_TOKENS, model.cfg.context_length)
+    return practice_score(answers)
 
 
 def _last_metrics(run_dir: Path) -> dict[str, Any]:
@@ -246,7 +308,7 @@ def stage_report(cfg: PipelineConfig, resume: bool) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[PipelineConfig, bool], dict[str, Any]]] = {
     "world": stage_world, "tokenizer": stage_tokenizer, "data": stage_data,
-    "pretrain": _train_stage("pretrain"), "sft": _train_stage("sft"),
+    "pretrain": _train_stage("pretrain"), "sft": stage_sft,
     "reward": _train_stage("reward"), "rl": _train_stage("rl"), "dpo": _train_stage("dpo"),
     "eval": stage_eval, "report": stage_report,
 }
@@ -276,6 +338,8 @@ def _section(cfg: PipelineConfig, stage: str) -> Any:
 
 def settings_hash(cfg: PipelineConfig, stage: str) -> str:
     data = asdict(_section(cfg, stage))
+    if stage == "sft" and cfg.sft_candidates > 1:  # one run hashes as it always did
+        data["candidates"] = cfg.sft_candidates
     if stage in ("pretrain", "sft", "reward", "rl", "dpo"):
         # Progress and plotting do not change what a stage computes.
         data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "plot")}

@@ -110,6 +110,7 @@ def collect(root: Path) -> dict[str, Any]:
               for name, ev in evals.items() if sft_replies}
     return {
         "root": str(root), "evals": evals, "wins": wins, "stages": stages, "copied": copied,
+        "sft_selection": _read_json(root / "sft" / "selection.json"),
         "reward": _read_json(root / "reward" / "reward_eval.json"),
         "rl": _read_json(root / "rl" / "summary.json"),
         "dpo": _read_json(root / "dpo" / "dpo_eval.json"),
@@ -279,6 +280,14 @@ def target_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def stage_notes(data: dict[str, Any]) -> list[str]:
     notes = []
+    sel = data.get("sft_selection")
+    if sel and sel.get("practice"):
+        runs = "; ".join(f"seed {seed}: {_pct(v['accuracy'])}"
+                         for seed, v in sel["practice"].items())
+        asked = next(iter(sel["practice"].values())).get("asked", "?")
+        notes.append(f"SFT: {len(sel['practice'])} runs with different seeds, scored on the "
+                     f"{asked} practice questions (greedy; entities neither SFT nor the eval "
+                     f"names): {runs}. Seed {sel['chosen_seed']} is the SFT row.")
     rm = data.get("reward")
     if rm and "val_accuracy" in rm:
         kinds = ", ".join(f"{k} {_pct(v)}" for k, v in rm.get("by_kind", {}).items())

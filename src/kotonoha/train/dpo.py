@@ -39,12 +39,11 @@ from kotonoha.config import load_config
 from kotonoha.data.chat import (
     PairData,
     PreferencePair,
-    cut_before_last_reply,
     per_sequence,
-    read_jsonl,
     train_test_pairs,
 )
 from kotonoha.errors import UserError
+from kotonoha.eval.practice import answer_checkable
 from kotonoha.model import flops_per_token
 from kotonoha.train.loop import TrainConfig, Trainer, check_run_dir, init_distributed, module_main
 from kotonoha.train.lora import AdaptersOff, LoRAConfig, apply_lora, parse_lora
@@ -171,42 +170,14 @@ def evaluate_dpo(policy: LogpFn | None, ref_logps: list[torch.Tensor], data: Pai
             "val_logp_accuracy": (diff > 0).float().mean().item()}
 
 
-@torch.no_grad()
 def mistake_pairs(model: nn.Module, tok: Any, path: str | Path, max_new_tokens: int,
                   context: int, batch_size: int = 32) -> tuple[list[PreferencePair], int]:
     """The model's wrong greedy replies to the checkable conversations of `path`, each against
     the conversation's own reply; and how many conversations were asked."""
-    from kotonoha.data import checker
-    from kotonoha.engine import Engine
-    from kotonoha.sampling import SamplingParams
-
-    rows = []
-    for _, obj in read_jsonl(path):
-        messages = obj.get("messages")
-        if not isinstance(messages, list) or not isinstance(obj.get("check"), dict):
-            continue
-        prompt, reply = cut_before_last_reply(messages)
-        if reply is None or not prompt:
-            continue
-        ids = tok.encode_chat(prompt, add_generation_prompt=True)[0]
-        if len(ids) + max_new_tokens <= context:
-            rows.append((prompt, reply, obj, ids))
-    if not rows:
-        raise UserError(f"{path} has no conversation with a \"check\" and an assistant reply "
-                        "that fits the context; mistakes needs the world's practice.jsonl or "
-                        "conversations in its format.")
-    was_training = model.training
-    engine = Engine(model, tok, max_batch_size=batch_size)  # puts the model in eval mode
-    try:
-        comps = engine.generate([ids for *_, ids in rows],
-                                [SamplingParams(temperature=0.0, max_tokens=max_new_tokens, lstrip=True)
-                                 for _ in rows])
-    finally:
-        model.train(was_training)
-    pairs = [PreferencePair(prompt, reply, c.text, kind=obj.get("kind"))
-             for (prompt, reply, obj, _), c in zip(rows, comps)
-             if not checker.check(obj["check"], c.text) and c.text.strip() != reply.strip()]
-    return pairs, len(rows)
+    answers = answer_checkable(model, tok, path, max_new_tokens, context, batch_size)
+    pairs = [PreferencePair(a.prompt, a.reply, a.text, kind=a.row.get("kind"))
+             for a in answers if not a.correct and a.text.strip() != a.reply.strip()]
+    return pairs, len(answers)
 
 
 def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
