@@ -139,5 +139,14 @@ def test_sft_candidates_keep_the_best_on_the_practice_questions(tmp_path: Path) 
     assert time.perf_counter() - t0 < 10  # no SFT run again
     assert (sft / "model.safetensors").read_bytes() == (a, b)[other]
     assert read(sft / "selection.json")["chosen_seed"] == other
+    # A candidate interrupted after its last checkpoint resumes there: no step is trained again,
+    # and its practice score comes out as before (greedy answers).
+    seed_1 = sft / "candidates" / "seed_1"
+    steps = (seed_1 / "metrics.jsonl").read_text().count('"loss"')
+    (seed_1 / "practice.json").unlink()
+    (sft / "DONE.json").unlink()
+    pipeline_main(TINY, args)
+    assert (seed_1 / "metrics.jsonl").read_text().count('"loss"') == steps
+    assert read(seed_1 / "practice.json") == scores[1]
     with pytest.raises(UserError, match="sft_candidates"):
         load_pipeline_config(TINY, ["sft_candidates=0"])

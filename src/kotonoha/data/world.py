@@ -2463,7 +2463,8 @@ def generate_world(seed: int = 0, scale: float = 1.0,
         c.split = "practice"
     seen_families = sorted({p.family.en for p in people if p.split == "seen"})
     n_practice = max(1, round(n_families * practice_share))
-    practice_families = set(prng.sample(seen_families, min(len(seen_families) - 1, n_practice)))
+    n_practice = max(0, min(len(seen_families) - 1, n_practice))  # some family stays seen
+    practice_families = set(prng.sample(seen_families, n_practice))
     for p in people:
         if p.family.en in practice_families:
             p.split = "practice"
