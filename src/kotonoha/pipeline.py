@@ -98,7 +98,8 @@ class PipelineConfig:
     # SFT runs to train, with seeds sft.train.seed, +1, ...: the one that answers most of the
     # world's practice questions (a dev set neither SFT nor the eval uses) becomes `sft/`, the
     # others stay in `sft/candidates/`. One SFT run's held-out QA depends on its seed by up to
-    # 15 points (PIPELINE.md section 5); each candidate costs a whole SFT run.
+    # 15 points; 800 practice questions tell a weak run from a strong one, not two similar ones
+    # (PIPELINE.md section 5). Each candidate costs a whole SFT run.
     sft_candidates: int = 1
 
     def __post_init__(self) -> None:
