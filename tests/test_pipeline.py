@@ -13,7 +13,7 @@ import torch
 
 from kotonoha.data.world import PRACTICE_KINDS
 from kotonoha.errors import UserError
-from kotonoha.pipeline import STAGES, load_pipeline_config, pipeline_main, wire
+from kotonoha.pipeline import STAGES, load_pipeline_config, pipeline_main, stage_sft, wire
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline-tiny.yaml")
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline-demo.yaml")
@@ -150,3 +150,8 @@ def test_sft_candidates_keep_the_best_on_the_practice_questions(tmp_path: Path) 
     assert read(seed_1 / "practice.json") == scores[1]
     with pytest.raises(UserError, match="sft_candidates"):
         load_pipeline_config(TINY, ["sft_candidates=0"])
+    # Without the world's practice questions it stops before training anything.
+    bare = wire(load_pipeline_config(TINY, [f"out={tmp_path / 'bare'}", "sft_candidates=2"]))
+    with pytest.raises(UserError, match="practice.jsonl does not exist"):
+        stage_sft(bare, False)
+    assert not (tmp_path / "bare" / "sft").exists()

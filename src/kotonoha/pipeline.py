@@ -205,6 +205,9 @@ def stage_sft(cfg: PipelineConfig, resume: bool) -> dict[str, Any]:
 
     sft_dir = cfg.path("sft")
     practice = cfg.path("world") / "practice.jsonl"
+    if not practice.is_file():  # before any training, not after the first run
+        raise UserError(f"{practice} does not exist; sft_candidates > 1 needs the world's "
+                        "practice questions (the world stage writes them).")
     scores: dict[int, dict[str, Any]] = {}
     for k in range(cfg.sft_candidates):
         seed = cfg.sft.train.seed + k
@@ -238,9 +241,6 @@ def score_practice(model_dir: Path, practice: Path, device: str = "auto") -> dic
     from kotonoha.eval.practice import answer_checkable, practice_score
     from kotonoha.train.loop import resolve_device
 
-    if not practice.is_file():
-        raise UserError(f"{practice} does not exist; sft_candidates > 1 needs the world's "
-                        "practice questions (the world stage writes them).")
     model, tok = load_model(model_dir, device=resolve_device(device))
     answers = answer_checkable(model, tok, practice, PRACTICE_TOKENS, model.cfg.context_length)
     return practice_score(answers)
