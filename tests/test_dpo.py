@@ -23,6 +23,7 @@ from chat_testing import (
     write_jsonl,
 )
 from kotonoha.checkpoint import load_model
+from kotonoha.data import checker
 from kotonoha.data.chat import (
     PairData,
     collate_replies,
@@ -152,6 +153,10 @@ def test_sft_weight_adds_the_chosen_replies_nll(tmp_path: Path) -> None:
     assert abs(metrics["nll_chosen"] - nll.item()) < 1e-4
     with pytest.raises(UserError, match="sft_weight"):
         DPOConfig(sft_weight=-1)
+    with pytest.raises(UserError, match="mistake_samples"):
+        DPOConfig(mistake_samples=-1)
+    with pytest.raises(UserError, match="mistake_temperature"):
+        DPOConfig(mistake_temperature=0)
 
 
 def practice_rows() -> list[dict[str, Any]]:
@@ -198,6 +203,28 @@ def test_mistakes_pairs_the_models_wrong_replies_with_the_right_ones(tmp_path: P
         return float((logps[:2] - logps[2:]).mean())
 
     assert margin(after) > margin(model) + 1
+
+
+def test_sampled_mistakes_add_the_models_other_wrong_replies(tmp_path: Path) -> None:
+    practice = write_jsonl(tmp_path / "practice.jsonl", practice_rows())
+    model, tok = load_model(sft_model(), dtype=torch.float32)
+    greedy, asked = mistake_pairs(model, tok, practice, max_new_tokens=24, context=64)
+    sampled, asked_too = mistake_pairs(model, tok, practice, max_new_tokens=24, context=64,
+                                       samples=4, temperature=1.5, seed=3)
+    assert asked_too == asked  # conversations, not replies
+    assert sampled[:len(greedy)] == greedy  # the greedy mistakes come first, unchanged
+    extra = sampled[len(greedy):]
+    assert extra, "hot sampling should find wrong replies the greedy ones are not"
+    checks = {row["messages"][0]["content"]: row["check"]
+              for row in practice_rows() if "check" in row}
+    for pair in extra:  # each one a wrong reply, and no conversation's reply twice
+        assert not checker.check(checks[pair.prompt[-1]["content"]], pair.rejected)
+    keys = [(pair.prompt[-1]["content"], pair.rejected.strip()) for pair in sampled]
+    assert len(set(keys)) == len(keys)
+    # Seeded: the same call samples the same replies.
+    again, _ = mistake_pairs(model, tok, practice, max_new_tokens=24, context=64,
+                             samples=4, temperature=1.5, seed=3)
+    assert again == sampled
 
 
 def test_mistakes_needs_a_mistake(tmp_path: Path) -> None:

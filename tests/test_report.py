@@ -1,7 +1,7 @@
 """The report card's targets table: pass/miss, the reason for a miss, and chance."""
 
 from kotonoha.eval.chat import sign_test
-from kotonoha.report import copied_share, language_table, targets
+from kotonoha.report import copied_share, language_table, stage_notes, targets
 
 
 def _win(wins: int, losses: int, ties: int) -> dict:
@@ -47,3 +47,15 @@ def test_copied_sft_replies_are_counted_and_explain_a_qa_miss() -> None:
     assert not qa["pass"] and "50% of its replies about held-out entities repeat" in qa["why"]
     headers, rows = language_table(data)
     assert headers[-1] == "copied SFT replies" and rows[0][-1] == "50.0%"
+
+
+def test_the_dpo_note_says_which_mistakes_it_learned_from() -> None:
+    before = {"val_logp_accuracy": 0.9, "val_logp_margin": 1.0}
+    after = {"val_logp_accuracy": 1.0, "val_logp_margin": 2.0}
+    dpo = {"beta": 0.1, "before": before, "after": after,
+           "mistakes": {"asked": 800, "wrong": 153, "file": "world", "samples": 0}}
+    note = next(n for n in stage_notes({"dpo": dpo}) if n.startswith("DPO"))
+    assert "153 wrong greedy replies to 800 practice questions" in note
+    dpo["mistakes"] |= {"wrong": 1247, "samples": 4}
+    note = next(n for n in stage_notes({"dpo": dpo}) if n.startswith("DPO"))
+    assert "1247 wrong replies (greedy, and 4 sampled per question) to 800" in note

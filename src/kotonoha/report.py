@@ -318,7 +318,9 @@ def stage_notes(data: dict[str, Any]) -> list[str]:
     if dpo and "before" in dpo and "after" in dpo:
         b, a = dpo["before"], dpo["after"]
         m = dpo.get("mistakes")
-        trained_on = (f"trained on the SFT model's {m['wrong']} wrong greedy replies to "
+        how = (f"replies (greedy, and {m['samples']} sampled per question)"
+               if m and m.get("samples") else "greedy replies")
+        trained_on = (f"trained on the SFT model's {m['wrong']} wrong {how} to "
                       f"{m['asked']} practice questions; " if m else "")
         notes.append(f"DPO (beta {dpo.get('beta')}): {trained_on}on held-out pairs the policy "
                      f"prefers the chosen reply {_pct(b.get('val_logp_accuracy'))} → "

@@ -31,9 +31,12 @@ class Answer:
 
 @torch.no_grad()
 def answer_checkable(model: nn.Module, tok: Any, path: str | Path, max_new_tokens: int,
-                     context: int, batch_size: int = 32) -> list[Answer]:
+                     context: int, batch_size: int = 32, samples: int = 0,
+                     temperature: float = 1.0, seed: int = 0) -> list[Answer]:
     """The model's greedy reply to every conversation of `path` that carries a `check` and
-    fits the context, through the shared engine, with the checker's verdict."""
+    fits the context, through the shared engine, with the checker's verdict; then, with
+    `samples`, that many replies per conversation sampled at `temperature` (seeded from
+    `seed`, so the same call gives the same replies), after the greedy ones."""
     from kotonoha.engine import Engine
     from kotonoha.sampling import SamplingParams
 
@@ -55,12 +58,19 @@ def answer_checkable(model: nn.Module, tok: Any, path: str | Path, max_new_token
     was_training = model.training
     engine = Engine(model, tok, max_batch_size=batch_size)  # puts the model in eval mode
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, lstrip=True)
-        comps = engine.generate([ids for *_, ids in rows], [params] * len(rows))
+        params = [SamplingParams(temperature=0.0, max_tokens=max_new_tokens, lstrip=True)
+                  ] * len(rows)
+        asked = list(rows)
+        for k in range(samples):
+            params += [SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
+                                      lstrip=True, seed=seed + k * len(rows) + i)
+                       for i in range(len(rows))]
+            asked += rows
+        comps = engine.generate([ids for *_, ids in asked], params)
     finally:
         model.train(was_training)
     return [Answer(prompt, reply, obj, c.text, checker.check(obj["check"], c.text))
-            for (prompt, reply, obj, _), c in zip(rows, comps)]
+            for (prompt, reply, obj, _), c in zip(asked, comps)]
 
 
 def practice_score(answers: list[Answer]) -> dict[str, Any]:

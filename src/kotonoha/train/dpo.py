@@ -14,7 +14,9 @@ network with its adapters switched off, so no second copy of the model is kept.
 it answers every conversation of FILE that carries a `check` (the world's `practice.jsonl`:
 questions about entities that neither SFT nor the eval ever names) greedily through the shared
 engine; each reply the world's rule-based checker rejects becomes a pair, with the
-conversation's own reply as the chosen one (`mistakes.jsonl` in the run directory). This is the
+conversation's own reply as the chosen one (`mistakes.jsonl` in the run directory). With
+`mistake_samples: N` it also samples N replies per conversation and adds each distinct wrong
+one: the mistakes the model makes often without making them greedily. This is the
 checker's one use in DPO, as `reward: checker` is RL's: it picks which pairs to train on,
 about entities the eval never uses. `data` still supplies the held-out "test" pairs.
 `mistakes: world` is short for `WORLD/practice.jsonl`, with WORLD the `world` setting.
@@ -81,6 +83,10 @@ class DPOConfig:
     mistakes: str | None = None
     world: str = "data/world"
     max_new_tokens: int = 64  # the greedy replies' length limit, for `mistakes`
+    # Also sample this many replies per conversation (at `mistake_temperature`) and learn from
+    # the wrong ones too: mistakes the model makes often but not greedily.
+    mistake_samples: int = 0
+    mistake_temperature: float = 1.0
     epochs: float | None = None  # when set it decides train.steps
     lora: str | LoRAConfig | None = None
     merge_lora: bool = True
@@ -92,6 +98,11 @@ class DPOConfig:
             raise UserError(f"beta must be positive, got {self.beta}.")
         if self.sft_weight < 0:
             raise UserError(f"sft_weight must be >= 0, got {self.sft_weight}.")
+        if self.mistake_samples < 0:
+            raise UserError(f"mistake_samples must be >= 0, got {self.mistake_samples}.")
+        if self.mistake_temperature <= 0:
+            raise UserError("mistake_temperature must be positive (the samples are drawn "
+                            f"at it), got {self.mistake_temperature}.")
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -171,13 +182,22 @@ def evaluate_dpo(policy: LogpFn | None, ref_logps: list[torch.Tensor], data: Pai
 
 
 def mistake_pairs(model: nn.Module, tok: Any, path: str | Path, max_new_tokens: int,
-                  context: int, batch_size: int = 32) -> tuple[list[PreferencePair], int]:
-    """The model's wrong greedy replies to the checkable conversations of `path`, each against
-    the conversation's own reply; and how many conversations were asked."""
-    answers = answer_checkable(model, tok, path, max_new_tokens, context, batch_size)
-    pairs = [PreferencePair(a.prompt, a.reply, a.text, kind=a.row.get("kind"))
-             for a in answers if not a.correct and a.text.strip() != a.reply.strip()]
-    return pairs, len(answers)
+                  context: int, batch_size: int = 32, samples: int = 0,
+                  temperature: float = 1.0, seed: int = 0,
+                  ) -> tuple[list[PreferencePair], int]:
+    """The model's wrong greedy replies to the checkable conversations of `path` (and, with
+    `samples`, its wrong sampled ones: each distinct wrong reply once per conversation), each
+    against the conversation's own reply; and how many conversations were asked."""
+    answers = answer_checkable(model, tok, path, max_new_tokens, context, batch_size,
+                               samples, temperature, seed)
+    pairs, seen = [], set()
+    for a in answers:
+        key = (id(a.row), a.text.strip())  # a conversation's sampled replies share its row
+        if a.correct or a.text.strip() == a.reply.strip() or key in seen:
+            continue
+        seen.add(key)
+        pairs.append(PreferencePair(a.prompt, a.reply, a.text, kind=a.row.get("kind")))
+    return pairs, len(answers) // (1 + samples)
 
 
 def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
@@ -198,7 +218,10 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
                 raise UserError(f"{mistakes} does not exist; generate the world with `kotonoha "
                                 f"data world --out {cfg.world}` or set world= / mistakes=.")
         train_pairs, asked = mistake_pairs(model.to(d.device), tok, mistakes,
-                                           cfg.max_new_tokens, ctx)
+                                           cfg.max_new_tokens, ctx,
+                                           samples=cfg.mistake_samples,
+                                           temperature=cfg.mistake_temperature,
+                                           seed=cfg.train.seed)
         if not train_pairs:
             raise UserError(f"{cfg.init_from} answered all {asked} conversations of "
                             f"{cfg.mistakes} correctly: no mistakes to learn from.")
@@ -241,7 +264,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     report: dict[str, Any] = {"train_pairs": len(train), "test_pairs": len(test_pairs),
                               "beta": cfg.beta}
     if asked is not None:
-        report["mistakes"] = {"asked": asked, "wrong": len(train_pairs), "file": cfg.mistakes}
+        report["mistakes"] = {"asked": asked, "wrong": len(train_pairs), "file": cfg.mistakes,
+                              "samples": cfg.mistake_samples}
     if test is not None:  # the reference *is* the starting policy: "before" needs no training
         with trainer.autocast():
             test_ref.extend(reference_logps(reference, test, micro, d.device))
