@@ -73,6 +73,19 @@ def test_selected_logits_are_the_full_logits_at_those_positions(model):
     assert model(idx, select=torch.zeros(3, 16, dtype=torch.bool)).shape[0] == 0
 
 
+def test_targets_return_each_positions_cross_entropy(model):
+    idx = torch.randint(0, model.cfg.vocab_size, (3, 16))
+    y = torch.randint(0, model.cfg.vocab_size, (3, 16))
+    y[0, :4] = -100  # ignored positions get a loss of 0
+    expect = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), y.flatten(),
+                                               reduction="none").view(3, 16)
+    got = model(idx, targets=y)
+    assert got.shape == (3, 16) and got.dtype == torch.float32
+    assert (got - expect).abs().max() < 1e-5 and (got[0, :4] == 0).all()
+    keep = torch.rand(3, 16) < 0.4
+    assert (model(idx, select=keep, targets=y[keep]) - expect[keep]).abs().max() < 1e-5
+
+
 def test_attention_weights_and_hidden_states(model):
     idx = torch.randint(0, model.cfg.vocab_size, (2, 10))
     out = model(idx, output_attentions=True, output_hidden_states=True)

@@ -369,7 +369,8 @@ class Transformer(nn.Module):
                 kv_len: int | None = None, segments: torch.Tensor | None = None,
                 output_hidden_states: bool = False,
                 output_attentions: bool = False,
-                select: torch.Tensor | None = None) -> torch.Tensor | ForwardOutput:
+                select: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor | ForwardOutput:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
         Without a cache this is the training/scoring path (positions 0..T-1). With a cache,
@@ -383,6 +384,11 @@ class Transformer(nn.Module):
         `select`, a boolean (B, T) mask, returns the logits of only those positions, as
         (N, vocab): a loss on a few tokens (SFT's replies) then skips the output head, a
         fifth of a small model's FLOPs, everywhere else.
+        `targets`, token ids shaped like the logits without their last dimension, returns
+        each position's cross-entropy in fp32 instead of the logits (nanoGPT's interface):
+        under torch.compile the loss then fuses with the output head, where a loss computed
+        outside the compiled model reads and writes the logits several more times. A target
+        of -100 gets a loss of 0.
         """
         B, T = idx.shape
         cfg = self.cfg
@@ -421,6 +427,9 @@ class Transformer(nn.Module):
         if select is not None:
             x = x[select]
         logits = self.lm_head(self.norm(x))
+        if targets is not None:
+            return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                                   reduction="none").view(targets.shape)
         if output_hidden_states or output_attentions:
             return ForwardOutput(logits, hidden, attentions)
         return logits

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kotonoha.checkpoint import atomic_write_text, build_model, load_model, save_model
 from kotonoha.config import dump_yaml, load_config
@@ -61,8 +60,7 @@ def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
             ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy (nats/token); the objective of pretraining."""
     x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), {}
+    return model(x, targets=y).mean(), {}
 
 
 def make_evaluate(val: ShardDataset, cfg: TrainConfig, d: Dist,
@@ -79,9 +77,7 @@ def make_evaluate(val: ShardDataset, cfg: TrainConfig, d: Dist,
         for i in range(0, len(mine), micro):
             x, y = (t.to(d.device) for t in val.windows([w % val.n_windows
                                                          for w in mine[i:i + micro]]))
-            logits = model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                     reduction="sum").double()
+            total += model(x, targets=y).sum().double()
             count += y.numel()
         loss_sum, tokens = d.all_sum([total.item(), float(count)])
         loss = loss_sum / tokens
