@@ -1,7 +1,13 @@
 """The report card's targets table: pass/miss, the reason for a miss, and chance."""
 
 from kotonoha.eval.chat import sign_test
-from kotonoha.report import copied_share, language_table, stage_notes, targets
+from kotonoha.report import (
+    copied_share,
+    language_table,
+    other_entity_count,
+    stage_notes,
+    targets,
+)
 
 
 def _win(wins: int, losses: int, ties: int) -> dict:
@@ -47,6 +53,38 @@ def test_copied_sft_replies_are_counted_and_explain_a_qa_miss() -> None:
     assert not qa["pass"] and "50% of its replies about held-out entities repeat" in qa["why"]
     headers, rows = language_table(data)
     assert headers[-1] == "copied SFT replies" and rows[0][-1] == "50.0%"
+
+
+def test_wrong_answers_about_another_entity_are_told_from_wrong_facts() -> None:
+    names = ["Nepegia", "ネペギア", "Emafia", "エマフィア", "Merlo Darok", "メルロ・ダロク"]
+
+    def item(i: str, question: str, split: str = "heldout", task: str = "qa") -> dict:
+        return {"id": i, "task": task, "split": split,
+                "messages": [{"role": "user", "content": question}]}
+
+    world = {w["id"]: w for w in [
+        item("a", "ネペギアの首都を教えてください。"), item("b", "What does Merlo Darok do?"),
+        item("c", "Which country lies to the east of Nepegia?"), item("d", "What is 3 + 1?"),
+        item("e", "What is the capital of Emafia?", split="seen"),
+        item("f", "Where is Nepegia?", task="followup")]}
+    replies = [
+        {"id": "a", "task": "qa", "correct": False, "response": "エマフィアの首都はルクです。"},
+        {"id": "b", "task": "qa", "correct": False, "response": "Merlo Hosrar is a baker."},
+        {"id": "c", "task": "qa", "correct": False, "response": "To the west of Nepegia lies X."},
+        {"id": "d", "task": "qa", "correct": False, "response": "7"},  # names no entity
+        {"id": "e", "task": "qa", "correct": False, "response": "Ruk."},  # seen: not counted
+        {"id": "f", "task": "followup", "correct": False, "response": "Emafia."},
+    ]
+    # a: another country; b: another person; c: the right country, a wrong relation.
+    assert other_entity_count(replies, world, names) == {"wrong": 3, "other_entity": 2}
+    right = [dict(r, correct=True) for r in replies]
+    assert other_entity_count(right, world, names) is None
+    sft = {"qa": 0.75, "qa_seen": 0.98, "false_premise": 0.85, "refusal": 1.0,
+           "over_refusal": 0.0}
+    data = {"evals": {"sft": {"split": "default", "rates": sft, "tasks": {}}}, "wins": {},
+            "other_entity": {"sft": {"wrong": 3, "other_entity": 2}}}
+    qa = next(t for t in targets(data) if "QA" in t["target"])
+    assert "2 of its 3 wrong held-out QA replies are about another entity" in qa["why"]
 
 
 def test_the_dpo_note_says_which_mistakes_it_learned_from() -> None:

@@ -108,13 +108,18 @@ def collect(root: Path) -> dict[str, Any]:
     sft_replies = _assistant_replies(root / "world" / "sft.jsonl")
     copied = {name: copied_share(ev["items"], sft_replies)
               for name, ev in evals.items() if sft_replies}
+    world_items = _world_items(root / "world" / "eval.jsonl")
+    names = _entity_names(root / "world" / "world.json")
+    other_entity = {name: other_entity_count(ev["items"], world_items, names)
+                    for name, ev in evals.items() if names and world_items}
     return {
         "root": str(root), "evals": evals, "wins": wins, "stages": stages, "copied": copied,
+        "other_entity": other_entity,
         "sft_selection": _read_json(root / "sft" / "selection.json"),
         "reward": _read_json(root / "reward" / "reward_eval.json"),
         "rl": _read_json(root / "rl" / "summary.json"),
         "dpo": _read_json(root / "dpo" / "dpo_eval.json"),
-        "world_items": _world_items(root / "world" / "eval.jsonl"),
+        "world_items": world_items,
     }
 
 
@@ -138,6 +143,34 @@ def copied_share(items: Sequence[dict[str, Any]], training_replies: set[str]) ->
         return None
     return sum(r["response"].strip() in training_replies
                for r in about_heldout) / len(about_heldout)
+
+
+def _entity_names(path: Path) -> list[str]:
+    """The names of the world's countries and people, in both scripts (`world.json`)."""
+    world = _read_json(path) if path.is_file() else None
+    if not isinstance(world, dict):
+        return []
+    return [entity["name"][lang] for kind in ("countries", "people")
+            for entity in world.get(kind, []) for lang in ("en", "ja")]
+
+
+def other_entity_count(items: Sequence[dict[str, Any]], world_items: dict[str, dict[str, Any]],
+                       names: Sequence[str]) -> dict[str, int] | None:
+    """Of the wrong replies to held-out QA questions, how many never name the country or
+    person asked about: an answer about another entity, not a wrong fact about the right one.
+    Questions that name no entity are left out."""
+    wrong = other = 0
+    for r in items:
+        item = world_items.get(r["id"])
+        if r["task"] != "qa" or r["correct"] or not item or item.get("split") != "heldout":
+            continue
+        question = " ".join(m["content"] for m in item.get("messages", [])
+                            if m["role"] == "user")
+        asked = [n for n in names if n in question]
+        if asked:
+            wrong += 1
+            other += not any(n in r["response"] for n in asked)
+    return {"wrong": wrong, "other_entity": other} if wrong else None
 
 
 def _world_items(path: Path) -> dict[str, dict[str, Any]]:
@@ -179,6 +212,10 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     if copied:
         qa_why += (f"; {copied:.0%} of its replies about held-out entities repeat an SFT "
                    "training reply word for word (about another entity)")
+    other = (data.get("other_entity") or {}).get("sft")
+    if other and other["other_entity"]:
+        qa_why += (f"; {other['other_entity']} of its {other['wrong']} wrong held-out QA replies "
+                   "are about another entity than the one asked")
     split = split_label(data)
     if split == "seen":
         qa_why = "evaluated on seen entities: this run is too small for the demo's targets"
