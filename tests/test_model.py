@@ -84,6 +84,11 @@ def test_targets_return_each_positions_cross_entropy(model):
     assert (got - expect).abs().max() < 1e-5 and (got[0, :4] == 0).all()
     keep = torch.rand(3, 16) < 0.4
     assert (model(idx, select=keep, targets=y[keep]) - expect[keep]).abs().max() < 1e-5
+    # Reduced by the loss kernel itself, as F.cross_entropy reduces (bit for bit).
+    logits = model(idx).float().flatten(0, 1)
+    for reduction in ("mean", "sum"):
+        want = torch.nn.functional.cross_entropy(logits, y.flatten(), reduction=reduction)
+        assert torch.equal(model(idx, targets=y, reduction=reduction), want)
 
 
 def test_attention_weights_and_hidden_states(model):

@@ -370,7 +370,8 @@ class Transformer(nn.Module):
                 output_hidden_states: bool = False,
                 output_attentions: bool = False,
                 select: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor | ForwardOutput:
+                targets: torch.Tensor | None = None,
+                reduction: str = "none") -> torch.Tensor | ForwardOutput:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
         Without a cache this is the training/scoring path (positions 0..T-1). With a cache,
@@ -385,10 +386,10 @@ class Transformer(nn.Module):
         (N, vocab): a loss on a few tokens (SFT's replies) then skips the output head, a
         fifth of a small model's FLOPs, everywhere else.
         `targets`, token ids shaped like the logits without their last dimension, returns
-        each position's cross-entropy in fp32 instead of the logits (nanoGPT's interface):
-        under torch.compile the loss then fuses with the output head, where a loss computed
-        outside the compiled model reads and writes the logits several more times. A target
-        of -100 gets a loss of 0.
+        the cross-entropy in fp32 instead of the logits (nanoGPT's interface), per position or
+        reduced as `F.cross_entropy`'s `reduction` says: under torch.compile the loss then
+        fuses with the output head, where a loss computed outside the compiled model reads
+        and writes the logits several more times. A target of -100 gets a loss of 0.
         """
         B, T = idx.shape
         cfg = self.cfg
@@ -428,8 +429,9 @@ class Transformer(nn.Module):
             x = x[select]
         logits = self.lm_head(self.norm(x))
         if targets is not None:
-            return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
-                                   reduction="none").view(targets.shape)
+            loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                                   reduction=reduction)
+            return loss.view(targets.shape) if reduction == "none" else loss
         if output_hidden_states or output_attentions:
             return ForwardOutput(logits, hidden, attentions)
         return logits

@@ -60,7 +60,7 @@ def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
             ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy (nats/token); the objective of pretraining."""
     x, y = batch
-    return model(x, targets=y).mean(), {}
+    return model(x, targets=y, reduction="mean"), {}
 
 
 def make_evaluate(val: ShardDataset, cfg: TrainConfig, d: Dist,
@@ -77,7 +77,7 @@ def make_evaluate(val: ShardDataset, cfg: TrainConfig, d: Dist,
         for i in range(0, len(mine), micro):
             x, y = (t.to(d.device) for t in val.windows([w % val.n_windows
                                                          for w in mine[i:i + micro]]))
-            total += model(x, targets=y).sum().double()
+            total += model(x, targets=y, reduction="sum").double()
             count += y.numel()
         loss_sum, tokens = d.all_sum([total.item(), float(count)])
         loss = loss_sum / tokens
