@@ -371,7 +371,8 @@ class Transformer(nn.Module):
                 output_attentions: bool = False,
                 select: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None,
-                reduction: str = "none") -> torch.Tensor | ForwardOutput:
+                reduction: Literal["none", "mean", "sum"] = "none",
+                ) -> torch.Tensor | ForwardOutput:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
         Without a cache this is the training/scoring path (positions 0..T-1). With a cache,
