@@ -70,12 +70,13 @@ def test_wrong_answers_about_another_entity_are_told_from_wrong_facts() -> None:
     replies = [
         {"id": "a", "task": "qa", "correct": False, "response": "エマフィアの首都はルクです。"},
         {"id": "b", "task": "qa", "correct": False, "response": "Merlo Hosrar is a baker."},
-        {"id": "c", "task": "qa", "correct": False, "response": "To the west of Nepegia lies X."},
+        {"id": "c", "task": "qa", "correct": False, "response": "To the west of nepegia lies X."},
         {"id": "d", "task": "qa", "correct": False, "response": "7"},  # names no entity
         {"id": "e", "task": "qa", "correct": False, "response": "Ruk."},  # seen: not counted
         {"id": "f", "task": "followup", "correct": False, "response": "Emafia."},
     ]
-    # a: another country; b: another person; c: the right country, a wrong relation.
+    # a: another country; b: another person; c: the right country (as the checker matches
+    # names: case folded), a wrong relation.
     assert other_entity_count(replies, world, names) == {"wrong": 3, "other_entity": 2}
     right = [dict(r, correct=True) for r in replies]
     assert other_entity_count(right, world, names) is None

@@ -158,7 +158,10 @@ def other_entity_count(items: Sequence[dict[str, Any]], world_items: dict[str, d
                        names: Sequence[str]) -> dict[str, int] | None:
     """Of the wrong replies to held-out QA questions, how many never name the country or
     person asked about: an answer about another entity, not a wrong fact about the right one.
-    Questions that name no entity are left out."""
+    Questions that name no entity are left out. Names match as the checker matches answers
+    (whole words, after normalisation: "タモヴェリン" names タモ・ヴェリン)."""
+    from kotonoha.data.checker import contains_answer
+
     wrong = other = 0
     for r in items:
         item = world_items.get(r["id"])
@@ -166,10 +169,10 @@ def other_entity_count(items: Sequence[dict[str, Any]], world_items: dict[str, d
             continue
         question = " ".join(m["content"] for m in item.get("messages", [])
                             if m["role"] == "user")
-        asked = [n for n in names if n in question]
+        asked = [n for n in names if contains_answer(question, n)]
         if asked:
             wrong += 1
-            other += not any(n in r["response"] for n in asked)
+            other += not any(contains_answer(r["response"], n) for n in asked)
     return {"wrong": wrong, "other_entity": other} if wrong else None
 
 
