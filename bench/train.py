@@ -222,8 +222,8 @@ def main() -> int:
     peaks: dict[str, float] = {}
     dtypes = args.dtypes.split(",")
     if not gpu and "bf16" in dtypes and not cpu_has_fast_bf16():
-        # Emulated bf16 matmuls are ~60x slower than fp32: nothing worth timing.
-        print("bf16 skipped: this CPU has no native bf16 matrix multiply (AVX-512 or AMX)",
+        # bf16 without AVX512_BF16 or AMX runs 3-60x slower than fp32: nothing worth timing.
+        print("bf16 skipped: this CPU has no bf16 matrix multiply in hardware (AVX512_BF16, AMX)",
               file=sys.stderr)
         dtypes.remove("bf16")
     for dtype in dtypes:
