@@ -23,6 +23,7 @@ from kotonoha.eval.world import (
     check_tokenizer_matches,
     eval_main,
     evaluate_world,
+    find_world,
     format_markdown,
     load_items,
 )
@@ -196,6 +197,24 @@ def test_eval_main_writes_json_and_markdown(model: Transformer, tokenizer: Token
     assert saved["tasks"] == summary["tasks"] and len(saved["items"]) == 2
     assert "| cloze accuracy |" in (tmp_path / "out" / "eval.md").read_text(encoding="utf-8")
 
+
+def test_the_world_is_found_beside_the_model_or_the_shards(
+        model: Transformer, tokenizer: Tokenizer, world_dir: Path, tmp_path: Path) -> None:
+    # A pipeline run: runs/demo/{world,pretrain}; what the demo tells its user to run.
+    run = tmp_path / "run"
+    save_model(run / "pretrain", model, tokenizer)
+    (run / "world").symlink_to(world_dir.resolve(), target_is_directory=True)
+    assert find_world(run / "pretrain") == run / "world"
+    assert eval_main(run / "pretrain", max_items=1)["tasks"]
+    # `kotonoha data world --out data/world` beside `data/shards/world`.
+    shards = tmp_path / "data" / "shards" / "world"
+    shards.mkdir(parents=True)
+    (tmp_path / "data" / "world").symlink_to(world_dir.resolve(), target_is_directory=True)
+    assert find_world(tmp_path / "m", shards) == tmp_path / "data" / "world"
+    save_model(tmp_path / "alone", model, tokenizer)
+    assert find_world(tmp_path / "alone") is None
+    with pytest.raises(UserError, match="pass --world DIR"):
+        eval_main(tmp_path / "alone")
 
 def test_clear_errors(tokenizer: Tokenizer, world_dir: Path, data_dir: Path,
                       tmp_path: Path) -> None:

@@ -290,6 +290,22 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def find_world(model_spec: str | Path, data_dir: str | Path | None = None) -> Path | None:
+    """The world folder beside the shards (`data/shards/world` -> `data/world`, a pipeline's
+    `data` -> `world`) or beside the model (a pipeline run's `pretrain`, `sft`, ... -> its
+    `world`), so `kotonoha eval --model runs/demo/sft` needs no --world; None if neither."""
+    candidates = []
+    if data_dir is not None:
+        data = Path(data_dir)
+        candidates += [data.parent / "world", data.parent.parent / "world"]
+    candidates.append(Path(model_spec).parent / "world")
+    for world in candidates:
+        if (world / "eval.jsonl").is_file():
+            print(f"world: {world}", file=sys.stderr)
+            return world
+    return None
+
+
 def eval_main(model_spec: str | Path, suite: str = "world", world_dir: str | Path | None = None,
               data_dir: str | Path | None = None, out: str | Path | None = None, *,
               split: str = "heldout", max_items: int | None = None,
@@ -303,6 +319,8 @@ def eval_main(model_spec: str | Path, suite: str = "world", world_dir: str | Pat
 
     if suite not in SUITES:
         raise UserError(f"Unknown eval suite '{suite}'; choose one of: {', '.join(SUITES)}.")
+    if world_dir is None:
+        world_dir = find_world(model_spec, data_dir)
     if suite == "chat":
         from kotonoha.eval.chat import chat_eval_main
 
