@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="bits per byte and held-out facts on the world")
     p.add_argument("--model", required=True)
     p.add_argument("--suite", default="world")
-    p.add_argument("--world", default=None, help="world directory (default: the one beside --data or the model)")
+    p.add_argument("--world", default=None,
+                   help="world directory (default: the one beside --data or the model)")
     p.add_argument("--data", default=None, help="shard directory for bits per byte")
     p.add_argument("--split", default="heldout", choices=["heldout", "seen"])
     p.add_argument("--max-items", type=int, default=None)
