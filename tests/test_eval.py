@@ -216,6 +216,7 @@ def test_the_world_is_found_beside_the_model_or_the_shards(
     with pytest.raises(UserError, match="pass --world DIR"):
         eval_main(tmp_path / "alone")
 
+
 def test_clear_errors(tokenizer: Tokenizer, world_dir: Path, data_dir: Path,
                       tmp_path: Path) -> None:
     with pytest.raises(UserError, match="eval.jsonl does not exist"):

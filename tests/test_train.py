@@ -42,7 +42,6 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     # Tiny models run fastest on one thread, and 2 threads on a busy 2-core machine thrash.
@@ -50,6 +49,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -176,7 +176,6 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_that_would_emulate_it(
     assert loop.autocast_dtype(TrainConfig(dtype="auto"), cpu) is None
 
 
-
 def test_fast_bf16_needs_the_bf16_instructions_not_just_avx512(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # oneDNN calls bf16 "supported" on any AVX-512 CPU; on an Ice Lake (no AVX512_BF16) the
@@ -194,6 +193,7 @@ def test_fast_bf16_needs_the_bf16_instructions_not_just_avx512(
     monkeypatch.setattr(loop.platform, "machine", lambda: "aarch64")  # oneDNN's answer there
     flags["amx"] = False
     assert loop.cpu_has_fast_bf16()
+
 
 FAULTS_OF_REPEATED_BIG_ALLOCATIONS = """
 import resource, sys, torch
