@@ -1,6 +1,7 @@
 """Training throughput: kotonoha's trainer step vs a plain nanoGPT-style step, same shapes.
 
     python bench/train.py                          # demo shapes on the CPU
+    python bench/train.py --untied                 # ... with configs/demo.yaml's untied head
     python bench/train.py --device cuda --preset gpt2 --batch-size 16 --json
 
 For each mode (eager / torch.compile) x dtype (fp32 / bf16 autocast) it times, alternating
@@ -191,6 +192,9 @@ def main() -> int:
     p.add_argument("--preset", default="demo")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--context", type=int, default=None, help="default: the preset's")
+    p.add_argument("--untied", action="store_true",
+                   help="kotonoha's model with an output head of its own, as configs/demo.yaml "
+                        "trains it (the reference keeps nanoGPT's tied head)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 CPU/50 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 / 10)")
@@ -209,6 +213,8 @@ def main() -> int:
     cfg = preset(args.preset)
     if args.context:
         cfg = replace(cfg, context_length=args.context)
+    if args.untied:
+        cfg = replace(cfg, tie_embeddings=False)
     T = cfg.context_length
     ref_cfg = ModelConfig(vocab_size=cfg.vocab_size, context_length=T, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, d_model=cfg.d_model)  # GPT-2 style, 4x GELU MLP
@@ -257,6 +263,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(device) if gpu else platform.processor()
         or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": args.preset,
+        "untied": args.untied,
         "shapes": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head,
                    "vocab": cfg.vocab_size, "context": T, "batch": args.batch_size},
         "params": n_params, "flops_per_token": flops, "matmul_peak_flops": peaks,
@@ -266,7 +273,8 @@ def main() -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"device: {info['device']} ({info['threads']} threads), torch {torch.__version__}; "
-          f"preset {args.preset}: {n_params / 1e6:.2f}M params, {cfg.n_layer} layers x "
+          f"preset {args.preset}{' (untied head)' if args.untied else ''}: "
+          f"{n_params / 1e6:.2f}M params, {cfg.n_layer} layers x "
           f"{cfg.d_model}, vocab {cfg.vocab_size}, batch {args.batch_size} x {T}; "
           "measured matmul peak "
           + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) + "\n")
