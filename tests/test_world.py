@@ -443,6 +443,12 @@ def test_checker_accepts_references_and_rejects_other_entities(
         if item["task"] == "false_premise":
             accept = item["false_statements"][0] + ". " + item["answer"]
             assert not check(item, accept)
+            # The correction's denial aimed at the truth, then the truth: a contradiction.
+            sep = " " if item["lang"] == "en" else ""
+            contradiction = item["true_denials"][0] + "." + sep + item["reference"].split(
+                "." if item["lang"] == "en" else "。", 1)[1]
+            assert item["answer"] in contradiction
+            assert not check(item, contradiction), contradiction
         others = [
             o
             for o in by_task[(item["task"], item["lang"])]
@@ -536,3 +542,25 @@ def test_practice_share_sets_aside_more_entities_and_keeps_pretraining() -> None
     for bad in (0, 0.75, "x"):
         with pytest.raises(UserError, match="practice_share"):
             generate_world(0, 0.05, bad)
+
+
+def test_false_premise_denying_the_truth_fails() -> None:
+    item = {"task": "false_premise", "answer": "Uhen",
+            "false_statements": ["People in Nepegia speak Ninas"],
+            "true_denials": ["People in Nepegia do not speak Uhen"]}
+    right = "People in Nepegia do not speak Ninas. The language of Nepegia is Uhen."
+    assert check(item, right)
+    assert not check(item, "People in Nepegia do not speak Uhen. The language of Nepegia is Uhen.")
+    # Whole words only: denying a longer name that ends like the answer is not denying it.
+    capital = {"task": "false_premise", "answer": "Lo",
+               "false_statements": ["Honlo is the capital of Rargia"],
+               "true_denials": ["Lo is not the capital of Rargia"]}
+    assert check(capital, "Honlo is not the capital of Rargia. The capital of Rargia is Lo.")
+    assert not check(capital, "Lo is not the capital of Rargia. The capital of Rargia is Lo.")
+    ja = {"task": "false_premise", "answer": "ウヘン語", "false_statements": ["ネペギアではニナス語が話されています"],
+          "true_denials": ["ネペギアではウヘン語は話されていません"]}
+    assert check(ja, "ネペギアではニナス語は話されていません。ネペギアの言葉はウヘン語です。")
+    assert not check(ja, "ネペギアではウヘン語は話されていません。ネペギアの言葉はウヘン語です。")
+    # Items written before the field existed are still scored (on the rest of the rule).
+    del item["true_denials"]
+    assert check(item, "People in Nepegia do not speak Uhen. The language of Nepegia is Uhen.")

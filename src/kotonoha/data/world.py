@@ -1291,6 +1291,17 @@ EVAL_TASKS = (
 )
 
 
+def true_denials(tmpl: str, lang: str, slots: Slots) -> list[str]:
+    """The correction's denial turned on the true fact (`{cap} is not the capital of {C}`): a
+    reply that says it contradicts the truth, even if it goes on to state the truth as well
+    ("People in Nepegia do not speak Uhen. The language of Nepegia is Uhen.")."""
+    fix = FALSE_PREMISES[tmpl][lang]["fix"][0]
+    denial = re.split(r"(?<=[.。])", fix, maxsplit=1)[0].rstrip(".。")
+    truth = {k: v for k, v in slots.items() if not k.startswith("x_")}
+    truth |= {"x_" + k: slots[k] for k in OBJECT_SLOTS[tmpl]}
+    return [denial.format_map(truth)]
+
+
 # ------------------------------------------------------------------------- arithmetic
 
 
@@ -2097,7 +2108,8 @@ class World:
                 _msg("assistant", fp["fix"][0].format_map(slots)),
             ]
             check = {"task": "false_premise", "answer": f.answer(lang),
-                     "false_statements": [t.format_map(slots) for t in fp["false"]]}
+                     "false_statements": [t.format_map(slots) for t in fp["false"]],
+                     "true_denials": true_denials(f.tmpl, lang, slots)}
         elif kind == "refusal":
             category, question, _slots = self._request(rng, REFUSALS, split, lang)
             msgs += [_msg("user", question), _msg("assistant", self._refusal_reply(category, lang))]
@@ -2276,6 +2288,7 @@ class World:
                         relation=f.rel,
                         answer=f.answer(lang),
                         false_statements=[s.format_map(slots) for s in fp["false"]],
+                        true_denials=true_denials(f.tmpl, lang, slots),
                         reference=fp["fix"][0].format_map(slots),
                         messages=[_msg("user", rng.choice(fp["q"]).format_map(slots))],
                     )
