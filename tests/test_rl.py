@@ -59,6 +59,10 @@ def test_group_advantages() -> None:
         assert abs(float(adv[4 * k:4 * k + 4].sum())) < 1e-5
     assert torch.allclose(group_advantages(r, 4, normalize_std=False)[:4],
                           torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    # positive_only: the same advantages with the negative ones at 0 (nothing pushed down)
+    pos = group_advantages(r, 4, positive_only=True)
+    assert torch.equal(pos, adv.clamp_min(0.0))
+    assert torch.allclose(pos[:4], torch.tensor([1.0, 0.0, 0.0, 1.0]), atol=1e-5)
     with pytest.raises(ValueError):
         group_advantages(r, 5)
 
@@ -177,6 +181,12 @@ def test_rollout_logprobs_are_the_policys(setup: Path) -> None:
     assert torch.allclose(r.old_logp * r.mask, full * r.mask, atol=1e-4)
     assert torch.allclose(r.ref_logp, full * r.mask, atol=1e-4)  # reference = policy here
     assert r.adv.view(4, 4).sum(1).abs().max() < 1e-4  # group-relative
+    # rl.positive_only reaches the rollouts: the same samples, the negative advantages at 0.
+    pos_cfg = config(setup, "unused", "positive_only=true")
+    pos = RLRun(pos_cfg, policy, ref, tok, load_prompts(pos_cfg), reward_space, Dist(), setup
+                ).make_rollout(0)
+    assert torch.equal(pos.ids, r.ids) and (r.adv < 0).any()
+    assert torch.equal(pos.adv, r.adv.clamp_min(0.0))
 
 
 def test_packed_rollout_rows_carry_the_padded_rows_numbers(setup: Path) -> None:

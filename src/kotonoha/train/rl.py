@@ -16,6 +16,8 @@ The objective (per response token t of sample i, with r = pi_new / pi_old):
 
 - **Advantages** are GRPO's: A_i = (R_i - mean(group)) / (std(group) + 1e-6), so no value
   network is needed; a group whose replies all score the same teaches nothing (A = 0).
+  `positive_only` keeps max(A_i, 0): the policy imitates its better replies and is never
+  pushed away from its worse ones (whose tokens are mostly right too).
 - **Old log-probabilities** come from the engine, which reports log-softmax of the raw logits:
   that is exactly pi_old when sampling at temperature 1 with no truncation, which is why
   rollouts always use temperature 1 (any other temperature samples from a different policy).
@@ -131,6 +133,11 @@ class RLConfig:
     kl_budget: float = 0.5  # the largest mean per-token KL the run may end with
     length_penalty: float = 0.0  # reward -= length_penalty * reply tokens
     normalize_std: bool = True  # GRPO's division by the group's std (False: Dr. GRPO)
+    # Learn from the group's better replies only (negative advantages set to 0). A reply's
+    # advantage lands on every token of it, so pushing down a reply that answers a bread
+    # question with the price of tea also pushes down "tea" where tea was asked: RL then
+    # answered held-out tea questions with bread, fathers with mothers (docs/PIPELINE.md §5).
+    positive_only: bool = False
     # Evaluation with the rule-based checker on held-out eval items (per task and language).
     eval_tasks: list[str] = field(default_factory=lambda: ["qa", "false_premise", "refusal",
                                                            "benign", "arithmetic"])
@@ -166,15 +173,17 @@ class RLConfig:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     positive_only: bool = False, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages: each reward minus its group's mean (over / its std), groups of
-    `group_size` consecutive samples."""
+    `group_size` consecutive samples; with `positive_only`, the negative ones set to 0."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     r = rewards.float().view(-1, group_size)
     adv = r - r.mean(dim=1, keepdim=True)
     if normalize_std:
         adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
+    if positive_only:
+        adv = adv.clamp_min(0.0)
     return adv.flatten()
 
 
@@ -496,7 +505,7 @@ class RLRun:
             raise RuntimeError(f"the reward function returned {raw.shape} for {len(texts)} replies")
         length = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
         shaped = raw - cfg.length_penalty * length
-        adv = group_advantages(shaped, G, cfg.normalize_std)
+        adv = group_advantages(shaped, G, cfg.normalize_std, cfg.positive_only)
 
         T = max(len(c.prompt_ids) + len(c.token_ids) for c in comps)
         N = len(comps)
