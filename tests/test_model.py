@@ -1,9 +1,17 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kotonoha.errors import UserError
 from kotonoha.info import count_params, describe
-from kotonoha.model import KVCache, ModelConfig, Transformer, flops_per_token, preset
+from kotonoha.model import (
+    CausalAttentionCPU,
+    KVCache,
+    ModelConfig,
+    Transformer,
+    flops_per_token,
+    preset,
+)
 
 VARIANTS = {
     "llama": {},
@@ -126,6 +134,69 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ---- the CPU attention backward used under torch.compile -----------------------------------
+
+
+def test_cpu_attention_backward_is_the_exact_gradient():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: CausalAttentionCPU.apply(a, b, c, 0.5),
+                                    (q, k, v))
+    # In bf16 its gradients are as close to fp64's as the flash kernel's own backward.
+    q, k, v = (torch.randn(2, 4, 64, 32, dtype=torch.float64) for _ in range(3))
+    grad_out = torch.randn_like(q)
+
+    def grads(attend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        attend(*leaves).backward(grad_out.to(dtype))
+        return [t.grad.double() for t in leaves]
+
+    exact = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                  torch.float64)
+    ours = grads(lambda a, b, c: CausalAttentionCPU.apply(a, b, c, 32**-0.5), torch.bfloat16)
+    for got, want in zip(ours, exact):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def _bf16_grads(model, idx):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx[:, :-1], targets=idx[:, 1:], reduction="mean")
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def _relative_error(got, want) -> float:
+    """The worst parameter's gradient error, relative to that gradient's norm."""
+    return max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
+
+
+def test_compiled_bf16_training_takes_the_matmul_backward(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_kv_head=4))
+    idx = torch.randint(0, 512, (2, 33))
+    want_loss, want = _bf16_grads(model, idx)  # SDPA's own kernel, eager
+    calls = []
+    apply = CausalAttentionCPU.apply
+    monkeypatch.setattr(CausalAttentionCPU, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got_loss, got = _bf16_grads(model, idx)
+    assert len(calls) == model.cfg.n_layer
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)  # the same forward kernel
+    assert _relative_error(got, want) < 0.02
+
+
+@pytest.mark.slow
+def test_compiled_bf16_training_matches_eager():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_kv_head=4))
+    idx = torch.randint(0, 512, (2, 33))
+    want_loss, want = _bf16_grads(model, idx)
+    got_loss, got = _bf16_grads(torch.compile(model), idx)
+    assert got_loss == pytest.approx(want_loss, rel=2e-2)
+    assert _relative_error(got, want) < 0.03
 
 
 def test_gpt3_counts_175b_on_meta_device():

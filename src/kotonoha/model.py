@@ -159,6 +159,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+# On a CPU, the flash kernel's backward pass is slow at short sequences: most of the time of
+# attention in a demo training step. `CausalAttentionCPU` keeps the kernel's forward and writes
+# the backward as the textbook matmuls and elementwise ops, from the log-sum-exp the forward
+# saved; torch.compile fuses those. Forward + backward per layer at the demo's shapes (batch 8,
+# T 256, 4 heads of 64, bf16, an AMX Xeon): 5.2-6.3 ms against the kernel's 9.2-11.3. It loses
+# at T 512 (86 against 61 ms at batch 16), in fp32 and eager, so the model uses it only
+# compiled, in bf16, up to this length (docs/BENCHMARKS.md, "A faster attention backward").
+FAST_BACKWARD_MAX_LEN = 256
+
+
+class CausalAttentionCPU(torch.autograd.Function):
+    """Causal attention: SDPA's CPU flash kernel forward, a matmul backward. (B, H, T, D)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, True, scale=scale)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:
+        q, k, v, out, lse = ctx.saved_tensors
+        T = q.shape[-2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        # The attention weights again, in fp32, from the log-sum-exp of each query's scores.
+        scores = (q @ k.transpose(-1, -2)).float() * ctx.scale
+        probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~causal, 0.0)
+        grad_v = probs.to(q.dtype).transpose(-1, -2) @ grad_out
+        grad_probs = (grad_out @ v.transpose(-1, -2)).float()
+        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # = sum(P * dP)
+        grad_scores = (probs * (grad_probs - row_dot) * ctx.scale).to(q.dtype)
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values, per layer: (batch, kv_heads, max_len, head_dim) each.
 
@@ -254,6 +291,11 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
             weights = scores.softmax(-1)
             y = (weights @ v.float()).type_as(q)
+        elif (mask is None and not gqa and x.device.type == "cpu" and q.dtype == torch.bfloat16
+              and T <= FAST_BACKWARD_MAX_LEN and torch.is_grad_enabled()
+              and torch.compiler.is_compiling()
+              and not (self.training and self.cfg.dropout > 0)):
+            y = CausalAttentionCPU.apply(q, k, v, self.scale)
         else:
             # A cache may keep keys and values in a wider type than the model (see Engine).
             y = F.scaled_dot_product_attention(
