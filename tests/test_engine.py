@@ -23,7 +23,7 @@ class FakeTokenizer:
     pieces = {EOS: b"", EURO_HEAD: "€".encode()[:2], EURO_TAIL: "€".encode()[2:],
               EN: b"en", D_BANG: b"d!", SPACE: b" ", SPACE_EN: b" en"}
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
         data = b"".join(self.pieces.get(i, f"<{i}>".encode()) for i in ids)
         return data.decode("utf-8", errors="replace")
 

@@ -365,6 +365,18 @@ ERRORS = [
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/tokenize", {}, 400, None),
+    # int() reads "²" and "--1" nowhere: keys are ASCII token ids.
+    ("/v1/chat/completions", {"messages": HELLO, "logit_bias": {"²": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"--1": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": HELLO, "repetition_penalty": 1e-45}, 400,
+     "repetition_penalty"),
+    # JSON can carry a lone surrogate, which no tokenizer or UTF-8 writer accepts.
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     None),
+    ("/v1/completions", b'{"prompt": "\\udfff"}', 400, None),
+    ("/v1/chat/completions", b'{"model": "\\ud800", "messages": [{"role": "user", '
+                             b'"content": "x"}]}', 400, None),
+    ("/tokenize", b'{"prompt": "\\ud800"}', 400, None),
 ]
 
 
@@ -384,6 +396,43 @@ def test_errors_are_openai_shaped(client: httpx.Client, path: str, body: Any, st
         assert error["param"] == param
     if status == 404:
         assert error["code"] == "model_not_found"
+
+
+def test_lone_surrogate_is_named(client: httpx.Client) -> None:
+    r = client.post("/v1/chat/completions", headers={"content-type": "application/json"},
+                    content=b'{"messages": [{"role": "user", "content": "a\\ud800"}]}')
+    assert r.status_code == 400
+    assert "messages.0.content" in r.json()["error"]["message"]
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_no_one(client: httpx.Client) -> None:
+    """1e-45 used to divide the logits into infinities: the NaN distribution failed every
+    request in the batch."""
+    greedy = chat(client, max_tokens=8, temperature=0)["choices"][0]["message"]["content"]
+    for t in (1e-45, 1e-39, 1e-6):
+        reply = chat(client, max_tokens=8, temperature=t)["choices"][0]["message"]["content"]
+        assert reply == greedy
+
+
+def test_completion_text_offsets_count_characters(client: httpx.Client) -> None:
+    """A byte-level token can be half a character: it must not push later offsets past the
+    text (it used to add the length of its `bytes:\\xe6` label)."""
+    r = client.post("/v1/completions", json={"model": "tiny-a", "prompt": "日本の首都",
+                                             "max_tokens": 0, "echo": True, "logprobs": 0})
+    choice = r.json()["choices"][0]
+    offsets, tokens = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+    assert any(t.startswith("bytes:") for t in tokens)  # the case under test happens
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert max(offsets) < len(choice["text"]) == 5
+
+
+def test_special_tokens_are_not_text(client: httpx.Client, server: Any) -> None:
+    """A reply that opens a new turn shows no `<|im_start|>` (it is not a stop token)."""
+    start = server.workers["tiny-a"].tokenizer.token_to_id("<|im_start|>")
+    assert start is not None
+    out = chat(client, max_tokens=3, temperature=0, logit_bias={str(start): 100})
+    assert out["usage"]["completion_tokens"] == 3
+    assert "<|im_start|>" not in out["choices"][0]["message"]["content"]
 
 
 def test_context_overflow_has_its_code(client: httpx.Client) -> None:
@@ -518,6 +567,16 @@ def test_api_key(tmp_path: Path) -> None:
         assert ok.status_code == 200
         assert c.get("/health").json()["auth"] is True  # the page must learn it needs a key
         assert c.get("/").status_code == 200
+
+
+def test_api_key_with_non_ascii_characters(tmp_path: Path) -> None:
+    worker = ModelWorker("tiny", tiny_model(0, CONTEXT), tokenizer(), max_batch_size=2)
+    app = create_app([worker], Store(tmp_path / "s.db"), api_key="sécret")
+    with ThreadServer(app) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        utf8 = {"Authorization": "Bearer sécret".encode()}
+        assert c.get("/v1/models", headers=utf8).status_code == 200
+        latin1 = {"Authorization": "Bearer sécret".encode("latin-1")}
+        assert c.get("/v1/models", headers=latin1).status_code == 401
 
 
 def test_responses_are_json_with_utf8(client: httpx.Client) -> None:

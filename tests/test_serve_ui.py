@@ -108,6 +108,33 @@ def test_turn_errors(client: httpx.Client) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "params.temperature"
 
 
+def test_a_rejected_turn_leaves_nothing_behind(client: httpx.Client) -> None:
+    """Too long, or a setting the model refuses: a 400, and no conversation or unanswered
+    question in the sidebar."""
+    before = client.get("/ui/api/conversations").json()
+    first = turn(client, content="Hi")
+    cid, answer = first[0]["conversation"]["id"], first[-1]["message"]
+    n_messages = len(client.get(f"/ui/api/conversations/{cid}").json()["messages"])
+    bad_turns = [
+        {"content": "Hello " * 400},  # over the context
+        {"content": "Hello", "params": {"max_tokens": 4, "logit_bias": {"99999": 1}}},
+        {"conversation_id": cid, "parent_id": answer["id"], "content": "Hello " * 400},
+        {"conversation_id": cid, "parent_id": answer["id"], "content": "x", "system": "s",
+         "params": {"max_tokens": 4, "logit_bias": {"99999": 1}}},
+    ]
+    for body in bad_turns:
+        assert client.post("/ui/api/chat", json=body).status_code == 400
+    after = client.get("/ui/api/conversations").json()
+    assert len(after) == len(before) + 1
+    saved = client.get(f"/ui/api/conversations/{cid}").json()
+    assert len(saved["messages"]) == n_messages
+    assert saved["conversation"]["system_prompt"] == ""
+    other = turn(client, content="Hey")[-1]["message"]  # a message of another conversation
+    r = client.post("/ui/api/chat", json={"conversation_id": cid, "parent_id": other["id"],
+                                          "content": "x"})
+    assert r.status_code == 404
+
+
 def test_stopped_answer_is_kept(client: httpx.Client) -> None:
     body = {"content": "Tell me a long story", "params": {"max_tokens": 200,
                                                           "ignore_eos": True}}

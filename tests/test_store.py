@@ -186,3 +186,19 @@ def test_sigkill_loses_no_acknowledged_message_or_vote(tmp_path: Path) -> None:
         assert len(reopened.votes()) == 3
     finally:
         reopened.close()
+
+
+def test_identical_answers_make_no_pair(store: Store, tmp_path: Path) -> None:
+    """A seeded regeneration (or two models that answer alike) gives the same text twice;
+    `kotonoha reward` refuses chosen == rejected, so the export must leave such pairs out."""
+    c = store.create_conversation("same")
+    q = store.add_message(c["id"], None, "user", "Capital of Aurel?")
+    up = store.add_message(c["id"], q["id"], "assistant", "Velm.")
+    down = store.add_message(c["id"], q["id"], "assistant", "Velm.")
+    store.set_feedback(up["id"], 1)
+    store.set_feedback(down["id"], -1)
+    battle = store.add_battle([{"role": "user", "content": "Hi"}], "m1", "m2", "Hey", "Hey")
+    store.vote(battle["id"], "a")
+    out = tmp_path / "prefs.jsonl"
+    assert export_preferences(store.path, out) == {}
+    assert out.read_text(encoding="utf-8") == ""

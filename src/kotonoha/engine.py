@@ -39,7 +39,7 @@ class TokenizerLike(Protocol):
     def stop_ids(self) -> list[int]:  # end-of-text / end-of-turn ids
         ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special: bool = False) -> str: ...
 
 
 @dataclass
@@ -69,6 +69,8 @@ class Completion:
 class IncrementalDetokenizer:
     """Text of a growing token sequence, released in whole characters.
 
+    Special tokens are left out (as in vLLM and llama.cpp's server): a reply that opens a new
+    turn with `<|im_start|>` must not show the marker to the user or store it as text.
     A byte-level BPE token can end in the middle of a UTF-8 character, which decodes as
     U+FFFD; trailing U+FFFD is held back until a later token completes the character.
     Decoding a short window that starts a few tokens back (the prefix/read offsets of HF TGI
@@ -92,7 +94,9 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        decode = self.tokenizer.decode
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special=True)
+
         prefix = decode(self.ids[self.prefix_offset:self.read_offset])
         full = decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):

@@ -2,8 +2,8 @@
 
 The processing order is the one of HF transformers and vLLM: logit bias, then the
 repetition/presence/frequency penalties, then temperature, then the truncations (top-k,
-top-p, min-p) on the tempered distribution, then a draw. Temperature 0 is greedy: the argmax
-after bias and penalties.
+top-p, min-p) on the tempered distribution, then a draw. Temperature 0 (or below 1e-5) is
+greedy: the argmax after bias and penalties.
 
 Every function works on the last dimension, so it takes a row (V,) or a batch (..., V).
 
@@ -22,11 +22,16 @@ import torch
 from kotonoha.errors import UserError
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+# Below this a temperature is greedy (vLLM's threshold): dividing fp32 logits by 1e-39 gives
+# infinities, and one request's NaN distribution would fail every request in its batch.
+GREEDY_BELOW = 1e-5
+# The smallest repetition penalty: dividing a logit by 1e-45 overflows the same way.
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -46,7 +51,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_history(self) -> bool:
@@ -68,8 +73,9 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.top_k < 0:
             bad(f"top_k must be >= 0 (0 turns it off), got {self.top_k}.")
-        if not self.repetition_penalty > 0:
-            bad(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}.")
+        if not self.repetition_penalty >= MIN_REPETITION_PENALTY:
+            bad(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} (1 turns it off), "
+                f"got {self.repetition_penalty}.")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:

@@ -10,6 +10,7 @@ SSE streams that end in `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -181,19 +182,32 @@ def chat_logprobs(worker: ModelWorker, items: list[tuple[int, float, Any]]) -> d
                         for t, lp, top in items]}
 
 
+class TextOffsets:
+    """Where each token of a choice starts in its text, in characters (the legacy
+    `text_offset`). The tokens' bytes are decoded as a stream: one that ends inside a UTF-8
+    character adds nothing until the token that completes it."""
+
+    def __init__(self, worker: ModelWorker) -> None:
+        self.worker, self.offset = worker, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, token: int) -> int:
+        start = self.offset
+        self.offset += len(self.decoder.decode(self.worker.token_bytes(token)))
+        return start
+
+
 def completion_logprobs(worker: ModelWorker, items: list[tuple[int, float | None, Any]],
-                        offset: int = 0) -> dict[str, Any]:
+                        offsets: TextOffsets) -> dict[str, Any]:
     """The legacy completions format: parallel arrays, top alternatives as {token: logprob}."""
-    tokens, token_logprobs, tops, offsets = [], [], [], []
+    tokens, token_logprobs, tops, starts = [], [], [], []
     for token, lp, top in items:
-        s = worker.token_str(token)
-        tokens.append(s)
+        tokens.append(worker.token_str(token))
         token_logprobs.append(lp)
         tops.append(None if top is None else {worker.token_str(a): alp for a, alp in top})
-        offsets.append(offset)
-        offset += len(s)
+        starts.append(offsets.take(token))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
-            "text_offset": offsets}
+            "text_offset": starts}
 
 
 # ---- /v1/models -----------------------------------------------------------------------------
@@ -372,7 +386,7 @@ async def completions(request: Request, body: CompletionRequest) -> JSONResponse
             prefix, items = echo_part(c.index)
             lp = None
             if want_logprobs:
-                lp = completion_logprobs(worker, [*items, *c.logprob_items])
+                lp = completion_logprobs(worker, [*items, *c.logprob_items], TextOffsets(worker))
             out.append({"index": c.index, "text": prefix + c.text, "logprobs": lp,
                         "finish_reason": c.finish_reason or "length"})
         return JSONResponse({**head, "object": "text_completion", "choices": out,
@@ -381,11 +395,10 @@ async def completions(request: Request, body: CompletionRequest) -> JSONResponse
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def chunks() -> AsyncIterator[str]:
-        offsets = [0] * len(choices)
+        offsets = [TextOffsets(worker) for _ in choices]
 
         def chunk(index: int, text: str, items: list[Any], finish: str | None = None) -> str:
             lp = completion_logprobs(worker, items, offsets[index]) if want_logprobs else None
-            offsets[index] += sum(len(worker.token_str(t)) for t, _, _ in items)
             obj: dict[str, Any] = {**head, "object": "text_completion",
                                    "choices": [{"index": index, "text": text, "logprobs": lp,
                                                 "finish_reason": finish}]}

@@ -179,10 +179,11 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
-                                                                 self.api_key.encode()):
+        # Compared as bytes: a key with non-ASCII characters arrives as its UTF-8 bytes.
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(),
+                                                                  self.api_key.encode()):
             await self.app(scope, receive, send)
             return
         message = ("Incorrect API key provided." if auth else

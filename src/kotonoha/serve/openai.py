@@ -11,14 +11,18 @@ send newer parameters still work. A few widely used non-OpenAI sampling fields (
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kotonoha.sampling import MIN_REPETITION_PENALTY
 
 MAX_STOP = 4  # OpenAI's limit
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 256  # prompts in one /v1/completions call
+_TOKEN_ID = re.compile(r"\s*-?[0-9]+\s*")
 
 
 class APIError(Exception):
@@ -39,8 +43,38 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def unencodable_text(value: Any, path: str = "") -> str | None:
+    """The path of the first string in a parsed JSON value that is not valid Unicode, if any.
+
+    JSON may carry lone UTF-16 surrogates ("\\ud800") that no tokenizer, database or UTF-8
+    writer accepts; requests are checked up front so that they get a 400, not a 500.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            bad = unencodable_text(key, path) or unencodable_text(item, f"{path}.{key}".strip("."))
+            if bad:
+                return bad
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if bad := unencodable_text(item, f"{path}.{i}".strip(".")):
+                return bad
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if bad := unencodable_text(data):
+            raise ValueError(f"'{bad}' is not valid Unicode text (it has a lone surrogate)")
+        return data
 
 
 class StreamOptions(_Request):
@@ -65,7 +99,7 @@ class SamplingFields(_Request):
     # Not in OpenAI's API; the names and meanings are vLLM's.
     top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10)
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -82,7 +116,7 @@ class SamplingFields(_Request):
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.strip().lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):  # ASCII digits only: int("²") fails
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")

@@ -303,7 +303,9 @@ class Store:
 
         kind "feedback": two answers to the same question (one regenerated), one thumbed up and
         one thumbed down. kind "arena": a battle voted A or B (ties and "both bad" say nothing
-        about which is better, so they are skipped).
+        about which is better, so they are skipped). Two identical texts teach nothing (and
+        `kotonoha reward` refuses them): a seeded regeneration or two models that answered
+        alike are skipped too.
         """
         rated = self._read(
             "SELECT m.id, m.parent_id, m.content, m.params, m.conversation_id, f.rating "
@@ -323,6 +325,8 @@ class Store:
                 system = json.loads(up["params"] or "{}").get("system") or ""
                 prompt = ([{"role": "system", "content": system}] if system else []) + path
                 for down in downs:
+                    if up["content"] == down["content"]:
+                        continue
                     yield _pair(prompt, up["content"], down["content"], "feedback",
                                 {"conversation_id": up["conversation_id"],
                                  "chosen_id": up["id"], "rejected_id": down["id"]})
@@ -330,6 +334,8 @@ class Store:
                             "ON v.battle_id = b.id WHERE v.winner IN ('a', 'b') "
                             "ORDER BY v.created_at, v.rowid"):
             a_wins = b["winner"] == "a"
+            if b["answer_a"] == b["answer_b"]:
+                continue
             yield _pair(json.loads(b["messages"]),
                         b["answer_a"] if a_wins else b["answer_b"],
                         b["answer_b"] if a_wins else b["answer_a"], "arena",

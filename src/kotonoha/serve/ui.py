@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kotonoha.serve.api import (
     chat_prompt,
@@ -27,7 +27,7 @@ from kotonoha.serve.api import (
     workers,
 )
 from kotonoha.serve.arena import leaderboard
-from kotonoha.serve.openai import APIError, SamplingFields
+from kotonoha.serve.openai import APIError, SamplingFields, unencodable_text
 from kotonoha.serve.store import Store
 from kotonoha.serve.stream import EventStream, sse
 from kotonoha.serve.worker import Group, ModelWorker
@@ -39,6 +39,13 @@ DEFAULT_MAX_TOKENS = 256
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if bad := unencodable_text(data):
+            raise ValueError(f"'{bad}' is not valid Unicode text (it has a lone surrogate)")
+        return data
 
 
 class ChatParams(SamplingFields):
@@ -151,31 +158,26 @@ async def chat_turn(request: Request, body: ChatTurn) -> EventStream:
     if body.content is not None and not body.content.strip():
         raise APIError(400, "The message is empty.", param="content")
 
-    if new_conversation:
-        title = (body.content or "").strip().splitlines()[0][:60]
-        conv = await in_thread(st.create_conversation, title, model=worker.name,
-                               system_prompt=body.system or "")
-    else:
-        conv = await in_thread(st.conversation, body.conversation_id)
-        if body.system is not None and body.system != conv["system_prompt"]:
-            conv = await in_thread(st.update_conversation, conv["id"],
-                                   system_prompt=body.system)
-    cid = conv["id"]
-    system = conv["system_prompt"]
-
+    # Everything is checked before anything is written: a turn answered with a 400 (too
+    # long, a bad setting) leaves no conversation or message behind.
+    conv = None if new_conversation else await in_thread(st.conversation, body.conversation_id)
+    system = (body.system or "") if conv is None else (
+        conv["system_prompt"] if body.system is None else body.system)
     # The question: a new (or edited) user message, or the existing one being re-answered.
+    user = None
     if body.content is not None:
-        user = await in_thread(st.add_message, cid, body.parent_id, "user", body.content)
-        user_new = True
+        path = [] if body.parent_id is None else await in_thread(st.path_to, body.parent_id)
+        if path and (conv is None or path[-1]["conversation_id"] != conv["id"]):
+            raise APIError(404, f"There is no message {body.parent_id} in this conversation.",
+                           param="parent_id", code="not_found")
+        path = [*path, {"role": "user", "content": body.content}]
     else:
         user = await in_thread(st.message, body.parent_id)
-        if user["conversation_id"] != cid or user["role"] != "user":
+        if user["conversation_id"] != conv["id"] or user["role"] != "user":
             raise APIError(400, "Only an answer to a question can be regenerated; parent_id "
                                 "must be a user message of this conversation.",
                            param="parent_id")
-        user_new = False
-
-    path = await in_thread(st.path_to, user["id"])
+        path = await in_thread(st.path_to, user["id"])
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": m["role"], "content": m["content"]} for m in path]
     prompt, max_tokens = fit_conversation(worker, messages, body.params.max_tokens)
@@ -184,6 +186,17 @@ async def chat_turn(request: Request, body: ChatTurn) -> EventStream:
     settings = {"system": system, **body.params.model_dump(exclude_none=True,
                                                            exclude={"stream", "n"}),
                 "max_tokens": max_tokens}
+
+    if conv is None:
+        title = (body.content or "").strip().splitlines()[0][:60]
+        conv = await in_thread(st.create_conversation, title, model=worker.name,
+                               system_prompt=system)
+    elif system != conv["system_prompt"]:
+        conv = await in_thread(st.update_conversation, conv["id"], system_prompt=system)
+    cid = conv["id"]
+    user_new = user is None
+    if user is None:
+        user = await in_thread(st.add_message, cid, body.parent_id, "user", body.content)
     await in_thread(st.update_conversation, cid, model=worker.name, params=settings)
     group = await submit(worker, [(prompt, params)])
 
