@@ -251,3 +251,72 @@ def test_too_little_data_for_the_context(data_dir: Path) -> None:
         ShardDataset(data_dir, "val", context_length=100_000)
     with pytest.raises(UserError, match="prepare"):
         ShardDataset(data_dir.parent, "train", 16)
+
+
+# --- regressions ----------------------------------------------------------------------------
+
+
+def _save_arrow_dataset(d: Path, texts: list[str]) -> None:
+    """A `Dataset.save_to_disk` folder: one Arrow stream file and its state.json."""
+    pa = pytest.importorskip("pyarrow")
+    d.mkdir(parents=True)
+    table = pa.table({"text": texts})
+    with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, \
+            pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    (d / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+
+
+def test_dataset_dict_inside_a_folder_reads_only_its_train_split(tmp_path: Path) -> None:
+    _save_arrow_dataset(tmp_path / "corpus" / "dd" / "train", ["t1", "t2"])
+    _save_arrow_dataset(tmp_path / "corpus" / "dd" / "test", ["held out"])
+    (tmp_path / "corpus" / "dd" / "dataset_dict.json").write_text(
+        json.dumps({"splits": ["train", "test"]}))
+    _save_arrow_dataset(tmp_path / "corpus" / "plain", ["p1"])
+    (tmp_path / "corpus" / "z.txt").write_text("a text file", encoding="utf-8")
+    folder = str(tmp_path / "corpus")
+    assert list(sources.iter_documents(folder)) == ["t1", "t2", "p1", "a text file"]
+    # The same documents as naming the DatasetDict itself.
+    assert list(sources.iter_documents(str(tmp_path / "corpus" / "dd"))) == ["t1", "t2"]
+
+
+def test_prepare_needs_a_tokenizer_with_eos(tmp_path: Path, tok_dir: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    src = write_jsonl(tmp_path / "c.jsonl", make_docs(5))
+    with pytest.raises(UserError, match=r"bare has no end-of-sequence token; set eos_token"):
+        prepare([str(src)], bare, tmp_path / "out", show_progress=False)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.7, 0.99, 1.0, -0.1])
+def test_val_fraction_above_half_is_rejected(tmp_path: Path, tok_dir: Path,
+                                            fraction: float) -> None:
+    src = write_jsonl(tmp_path / "c.jsonl", make_docs(10))
+    with pytest.raises(UserError, match="val_fraction must be between 0 and 0.5"):
+        prepare([str(src)], tok_dir, tmp_path / "out", val_fraction=fraction,
+                show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_val_fraction_of_one_half_keeps_a_train_split(tmp_path: Path, tok_dir: Path) -> None:
+    src = write_jsonl(tmp_path / "c.jsonl", make_docs(11, seed=4))
+    meta = prepare([str(src)], tok_dir, tmp_path / "out", val_fraction=0.5,
+                   show_progress=False)
+    assert meta["splits"]["train"]["documents"] == 6 and meta["splits"]["val"]["documents"] == 5
+    one = tmp_path / "one.txt"
+    one.write_text("one short document", encoding="utf-8")
+    meta = prepare([str(one)], tok_dir, tmp_path / "out1", val_fraction=0.5,
+                   show_progress=False)
+    assert meta["splits"]["train"]["tokens"] > 0 and meta["splits"]["val"]["tokens"] > 0
+
+
+def test_corrupt_meta_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / META_NAME).write_text('{"format": "kotonoha-sh', encoding="utf-8")
+    with pytest.raises(UserError, match=r"meta\.json is not valid JSON; re-run kotonoha data "
+                                        "prepare"):
+        read_meta(tmp_path)
+    (tmp_path / META_NAME).write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(UserError, match="is not a kotonoha shard description"):
+        ShardDataset(tmp_path)

@@ -234,3 +234,34 @@ def test_config_errors():
         ModelConfig.from_dict({"n_layers": 3})
     with pytest.raises(UserError, match="longer than the model's context"):
         Transformer(preset("tiny", context_length=8))(torch.zeros(1, 9, dtype=torch.long))
+
+
+# --- config validation ----------------------------------------------------------------------
+
+
+def test_every_preset_validates():
+    from kotonoha.model import PRESETS
+
+    for name in PRESETS:
+        assert preset(name).name == name
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("n_kv_head", 0, "n_kv_head must be a positive integer, got 0"),
+    ("n_head", -2, "n_head must be a positive integer"),
+    ("d_model", "x", "d_model must be a positive integer, got 'x'"),
+    ("vocab_size", None, "vocab_size must be a positive integer, got None"),
+    ("n_layer", 2.0, "n_layer must be a positive integer"),
+    ("context_length", True, "context_length must be a positive integer"),
+    ("d_ff", 0, "d_ff must be a positive integer"),
+    ("head_dim", "16", "head_dim must be a positive integer"),
+    ("sliding_window", 0, "sliding_window must be a positive integer"),
+    ("positions", "RoPE", "positions must be one of learned, rope, got 'RoPE'"),
+    ("norm", "batchnorm", "norm must be one of layernorm, rmsnorm"),
+    ("mlp", "relu", "mlp must be one of gelu, swiglu, geglu"),
+])
+def test_invalid_config_values_are_user_errors(field, value, match):
+    with pytest.raises(UserError, match=match):
+        preset("tiny", **{field: value})
+    with pytest.raises(UserError, match=match):
+        ModelConfig.from_dict({**preset("tiny").to_dict(), field: value})

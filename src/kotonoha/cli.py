@@ -99,7 +99,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     if args.vocab_size < 300:
         raise UserError("--vocab-size must be at least 300 (256 byte tokens plus merges).")
     resolve(args.data)  # a missing or unreadable source fails here, before training starts
-    tok = train_bpe(iter_documents(args.data), args.vocab_size, show_progress=True)
+    tok = train_bpe(iter_documents(args.data, args.text_field), args.vocab_size,
+                    show_progress=True)
     tok.save(args.out)
     print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}")
 
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".txt files/folders, .jsonl, .parquet, a saved HF dataset, or shakespeare"
                         " (--source, as `data prepare` spells it, works too)")
     t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--text-field", default="text", help="JSONL/Parquet column with the text")
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
 

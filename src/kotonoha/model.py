@@ -49,6 +49,23 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        # Checked first: a zero or a string would otherwise surface as a ZeroDivisionError or
+        # TypeError below, or (a misspelt choice) silently build a different model.
+        required = ("vocab_size", "context_length", "n_layer", "n_head", "d_model")
+        optional = ("n_kv_head", "d_ff", "head_dim", "sliding_window", "global_every")
+        for name in required + optional:
+            value = getattr(self, name)
+            if value is None and name in optional:  # None picks the default
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"Model config field {name} must be a positive integer, "
+                                f"got {value!r}.")
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
+                   "mlp": ("gelu", "swiglu", "geglu")}  # the Literal types above
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"Model config field {name} must be one of "
+                                f"{', '.join(allowed)}, got {getattr(self, name)!r}.")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -69,9 +86,6 @@ class ModelConfig:
             raise UserError(
                 f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}."
             )
-        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"Model config field {name} must be positive.")
 
     def layer_is_local(self, layer: int) -> bool:
         if self.sliding_window is None:

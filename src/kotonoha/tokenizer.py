@@ -74,6 +74,21 @@ GEMMA_TEMPLATE: str = (
 # model ends its reply with one of these rather than with eos, so the engine must stop there.
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
+# Control tokens of those formats (ours, turn openers and closers). User text must never
+# produce them, even when a tokenizer.json leaves them unflagged as special.
+TURN_MARKERS: tuple[str, ...] = (
+    *SPECIAL_TOKENS, *END_OF_TURN_TOKENS, "<start_of_turn>", "<|begin_of_text|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|system|>", "<|user|>", "<|assistant|>",
+)
+
+# A message role is a plain name ("user", "tool", "developer"): a template writes it as
+# trusted text, so anything else could forge a turn ("user<|im_end|>...").
+ROLE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+# Markup-looking added tokens ("<|im_start|>", "[INST]"): only these count as control tokens
+# for being written in a chat template; added whitespace tokens ("\n\n") are ordinary text.
+_MARKUP_TOKEN = re.compile(r"\S*[<>\[\]|]\S*")
+
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}ー"  # ー (U+30FC) has script Common, not Katakana
 # GPT-2's regex lumps a whole unspaced run of Japanese into one pre-token, so no BPE merge can
 # respect a word boundary inside it. Splitting at script changes (kanji / hiragana / katakana,
@@ -122,6 +137,7 @@ class Tokenizer:
         backend.no_padding()
         backend.no_truncation()
         self.backend = backend
+        self._plain: Backend | None = None  # built lazily by `_text_backend`
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.model_max_length = model_max_length
@@ -138,8 +154,23 @@ class Tokenizer:
             self.extra_stop_tokens = list(extra_stop_tokens)
         stops = [self.eos_id] + [self._role_id(t, "stop token") for t in self.extra_stop_tokens]
         self.stop_ids: list[int] = list(dict.fromkeys(i for i in stops if i is not None))
-        self._text_backend = _plain_text_backend(backend, self._control_tokens())
         self._compiled: tuple[str, jinja2.Template] | None = None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        self._chat_template = template
+        self._plain = None  # the template's tokens are control tokens: rebuild on next use
+
+    @property
+    def _text_backend(self) -> Backend:
+        """The backend `encode` uses: control tokens in its input are ordinary characters."""
+        if self._plain is None:
+            self._plain = _plain_text_backend(self.backend, self._control_tokens())
+        return self._plain
 
     def __repr__(self) -> str:
         return (
@@ -165,10 +196,16 @@ class Tokenizer:
         return [t for t in END_OF_TURN_TOKENS if self.backend.token_to_id(t) is not None]
 
     def _control_tokens(self) -> set[str]:
-        """Token strings that user text must never be able to produce."""
-        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        """Token strings that user text must never be able to produce: special tokens, the
+        token roles, known turn markers, and markup tokens the chat template writes (some
+        tokenizer.json files leave "<|im_start|>" unflagged)."""
+        added = self.backend.get_added_tokens_decoder().values()
+        special = {t.content for t in added if t.special}
+        template = self.chat_template or ""
+        markers = {t.content for t in added if t.content in TURN_MARKERS
+                   or (_MARKUP_TOKEN.fullmatch(t.content) and t.content in template)}
         roles = {self.bos_token, self.eos_token, self.pad_token, *self.extra_stop_tokens}
-        return special | {t for t in roles if t is not None}
+        return special | markers | {t for t in roles if t is not None}
 
     # --- encoding -------------------------------------------------------------------------
 
@@ -273,6 +310,10 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise UserError(f"The chat template rejected the conversation: {e}.") from e
+        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError,
+                RecursionError) as e:  # a bug in the template's own code (`1 / 0`, `'a' + 1`)
+            raise UserError(f"The chat template failed while rendering the conversation "
+                            f"({type(e).__name__}: {e}); fix the template.") from e
 
     # --- files ----------------------------------------------------------------------------
 
@@ -487,6 +528,9 @@ def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise UserError(f"Message {i} needs a string 'role' (system, user or assistant).")
+        if not ROLE_PATTERN.fullmatch(m["role"]):
+            raise UserError(f"Message {i} has the role {m['role']!r}; a role must be a plain "
+                            "name such as system, user or assistant.")
         content = m.get("content")
         if content is None:
             content = ""

@@ -87,6 +87,9 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
         return _llama_config(hf, common, where, kind)
     except KeyError as e:
         raise UserError(f"{where} lacks the field {e}, which a {kind} model needs.") from None
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. "hidden_size": "64", or null
+        raise UserError(f"{where} has a field of the wrong type ({e}); fix or re-download "
+                        "it.") from None
 
 
 def _gpt2_config(hf: dict[str, Any], common: dict[str, Any], where: str) -> ModelConfig:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kotonoha.errors import UserError
-from kotonoha.tokenizer import CHATML_TEMPLATE, GEMMA_TEMPLATE, Tokenizer
+from kotonoha.tokenizer import CHATML_TEMPLATE, GEMMA_TEMPLATE, ROLE_PATTERN, Tokenizer
 
 IGNORE = -100  # label value that F.cross_entropy skips
 
@@ -76,6 +76,9 @@ def _check_messages(msgs: Any, where: str) -> list[dict[str, Any]]:
                 or not isinstance(m.get("content"), str)):
             raise UserError(f"{where}: message {i} needs a string \"role\" and a string "
                             "\"content\".")
+        if not ROLE_PATTERN.fullmatch(m["role"]):  # templates write roles as trusted text
+            raise UserError(f"{where}: message {i} has the role {m['role']!r}; a role must be "
+                            "a plain name such as system, user or assistant.")
     return msgs
 
 
@@ -321,12 +324,21 @@ class SFTData:
             for ids in tok.encode_batch(list(replay)):
                 ids = [tok.eos_id, *ids, tok.eos_id]
                 encoded.append((ids, [1] * len(ids)))
-        examples, self.truncated = [], 0
+        examples, self.truncated, emptied = [], 0, 0
         for ids, mask in encoded:
             if len(ids) > context + 1:  # x and y are windows of `context` tokens
                 self.truncated += 1
                 ids, mask = ids[:context + 1], mask[:context + 1]
+                emptied += not any(mask[1:])  # the cut took every token it had to learn
             examples.append((ids, mask))
+        if encoded and emptied == len(encoded):
+            raise UserError(f"The context ({context} tokens) cuts off every assistant reply, "
+                            "so no token is left to learn or score; raise context_length or "
+                            "shorten the conversations.")
+        if emptied:
+            print(f"warning: {emptied} of {len(encoded)} examples lost all their assistant "
+                  f"tokens to the context ({context} tokens) and teach nothing.",
+                  file=sys.stderr)
         if pack:
             examples = _pack(examples, context + 1)
         self.examples = examples

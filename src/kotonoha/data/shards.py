@@ -95,8 +95,12 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{data_dir} has no prepared shards ({META} is missing); run "
                         f"`kotonoha data prepare --source ... --out {data_dir}` first.")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError: a torn or corrupt file
+        raise UserError(f"{path} is not valid JSON; re-run kotonoha data prepare.") from None
+    if (not isinstance(meta, dict) or meta.get("format") != FORMAT
+            or meta.get("version", 0) > VERSION):
         raise UserError(f"{path} is not a kotonoha shard description this version can read.")
     return meta
 
@@ -128,8 +132,10 @@ def prepare(sources: list[str] | str, tokenizer_dir: str | Path, out_dir: str | 
     A no-op (returning the existing meta) when the sources, tokenizer and settings are
     unchanged since the last run.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    # Every round(1 / f)-th document is held out: above 0.5 that rule holds out more than f
+    # (from 2/3 on, every document), and 0.5 or less is the split existing data relies on.
+    if not 0.0 <= val_fraction <= 0.5:
+        raise UserError(f"val_fraction must be between 0 and 0.5, got {val_fraction}.")
     out = Path(out_dir)
     names = [sources] if isinstance(sources, str) else list(sources)
     settings = {"version": VERSION, "text_field": text_field, "val_fraction": val_fraction}
@@ -143,6 +149,9 @@ def prepare(sources: list[str] | str, tokenizer_dir: str | Path, out_dir: str | 
         return meta
 
     tok = _load_tokenizer(tokenizer_dir)
+    if tok.eos_id is None:  # it separates the documents in the shards
+        raise UserError(f"The tokenizer in {tokenizer_dir} has no end-of-sequence token; set "
+                        "eos_token in its tokenizer_config.json.")
     dtype = dtype_for(tok.vocab_size)
     eos = np.array([tok.eos_id], dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +193,11 @@ def prepare(sources: list[str] | str, tokenizer_dir: str | Path, out_dir: str | 
     if val_fraction > 0 and counts["val"]["documents"] == 0:
         split_by = "position"  # too few documents: hold out the tail of the token stream
         _split_tail(tmp, counts, dtype, val_fraction)
+    if counts["train"]["tokens"] == 0:  # a guard: the rules above always leave some
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        raise UserError(f"The train split of {out} would be empty; lower val_fraction or add "
+                        "documents.")
     for s in counts:
         os.replace(tmp[s], out / f"{s}.bin")
     tok.save(out / TOKENIZER_SUBDIR)

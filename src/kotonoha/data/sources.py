@@ -106,7 +106,12 @@ def resolve(sources: list[str] | str) -> list[SourceFile]:
                 files += _hf_files(path)
                 continue
             found = [p for p in sorted(path.rglob("*")) if p.is_file() and _kind(p)]
-            hf_dirs = sorted({p.parent for p in path.rglob("state.json")})
+            dict_dirs = {p.parent for p in path.rglob("dataset_dict.json")}
+            state_dirs = {p.parent for p in path.rglob("state.json")}
+            # A DatasetDict is one dataset (its train split, as when it is the source itself):
+            # its other splits (test, validation) must not leak into the training text.
+            hf_dirs = sorted(d for d in dict_dirs | state_dirs
+                             if not any(o in d.parents for o in dict_dirs))
             for d in hf_dirs:
                 files += _hf_files(d)
             files += [SourceFile(p, k) for p in found

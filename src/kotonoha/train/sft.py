@@ -193,7 +193,8 @@ def masked_lm_eval(val: SFTData, micro: int, device: torch.device,
             b = {k: v.to(device) for k, v in b.items()}
             total += float(masked_ce(model, b).sum())
             count += float(b["mask"].sum())
-        return {"val_loss": total / max(1.0, count)}
+        # No assistant token to score: no val_loss at all, rather than a perfect-looking 0.
+        return {"val_loss": total / count} if count else {}
 
     return evaluate
 
