@@ -73,3 +73,27 @@ def test_rl_train_section_keeps_rl_defaults():
 
     cfg = load_config(RLConfig, None, ["train.steps=3"])
     assert cfg.train.steps == 3 and cfg.train.lr == RL_TRAIN_DEFAULTS["lr"]
+
+
+@dataclass
+class WithMapping:
+    model: dict = field(default_factory=dict)
+    extra: dict[str, int] | None = None
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model=3"], "config.model must be a mapping"),
+    (["extra=[1,2]"], "config.extra must be a mapping"),
+])
+def test_a_non_mapping_for_a_mapping_setting_names_the_key(overrides, match):
+    with pytest.raises(UserError, match=match):
+        load_config(WithMapping, None, overrides)
+    assert load_config(WithMapping, None, ["model.n_layer=2", "extra=null"]) == WithMapping(
+        model={"n_layer": 2})
+
+
+def test_pretrain_model_setting_must_be_a_mapping():
+    from kotonoha.train.pretrain import PretrainConfig
+
+    with pytest.raises(UserError, match="config.model must be a mapping"):
+        load_config(PretrainConfig, None, ["model=3"])

@@ -164,3 +164,30 @@ def test_adapter_only_run_loads_and_merges_with_convert(tmp_path: Path, capsys) 
     assert main(["convert", "--from", str(base), "--merge-lora", "--to", "kotonoha",
                  "--out", str(tmp_path / "x")]) == 2
     assert "needs a LoRA run directory" in capsys.readouterr().err
+
+
+def test_a_target_that_matches_no_layer_is_refused_even_when_others_match() -> None:
+    with pytest.raises(UserError, match="q_prj match no linear layer"):
+        apply_lora(tiny_model(), LoRAConfig(targets=["q_prj", "v_proj"]))
+    # The default targets name gate_proj, which a gelu MLP does not have: still fine.
+    gelu = Transformer(preset("tiny", vocab_size=300, context_length=32, mlp="gelu"))
+    apply_lora(gelu, LoRAConfig())
+    assert sum(isinstance(m, LoRALinear) for m in gelu.modules()) == 2 * 6
+
+
+def test_the_adapter_free_reference_ignores_dropout() -> None:
+    """AdaptersOff (the LoRA reference of DPO and RL) runs the shared, training model in eval
+    mode: with dropout its log-probs are the same every call, and the mode is restored."""
+    from kotonoha.train.lora import AdaptersOff
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=300, context_length=32, dropout=0.1))
+    apply_lora(model, LoRAConfig(r=4, dropout=0.1))
+    model.train()
+    ref = AdaptersOff(model)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        first, second = ref(ids), ref(ids)
+        assert torch.equal(first, second)
+        assert model.training and all(m.training for m in model.modules())
+        assert not torch.equal(model(ids), model(ids))  # the policy itself keeps its dropout

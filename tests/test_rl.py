@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -302,3 +303,70 @@ def test_bad_settings(setup: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
     with pytest.raises(UserError, match="messages"):
         load_prompts(config(setup, "z", f"prompts={tmp_path / 'bad.jsonl'}"))
+
+
+def crash_at(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the trainer die (like a kill) when it is about to train optimizer step `step`."""
+    from kotonoha.train import loop
+
+    real = loop.Trainer.train_step
+
+    def train_step(self: loop.Trainer) -> Any:
+        if self.step == step:
+            raise RuntimeError("killed")
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+
+
+def rollout_iterations(run_dir: Path) -> list[int]:
+    return [json.loads(line)["iteration"]
+            for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_the_next_iteration_began_reuses_the_checkpoints_samples(
+        setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 steps per iteration, a checkpoint at step 3 (inside iteration 1), then iteration 2's
+    rollout, then a crash: the resume trains step 3 on iteration 1's saved samples, not on
+    samples drawn again from newer weights, and logs each iteration once."""
+    common = ("train.lr=1e-2", "ppo_epochs=2", "probe_prompts=0", "train.steps=6",
+              "train.checkpoint_interval=3")
+    straight = run_rl(config(setup, "straight-6", *common), reward_fn=reward_space)
+    crash_at(5, monkeypatch)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_rl(config(setup, "crashed-6", *common), reward_fn=reward_space)
+    monkeypatch.undo()
+    resumed = run_rl(config(setup, "crashed-6", *common), resume=True, reward_fn=reward_space)
+    a, _ = load_model(straight)
+    b, _ = load_model(resumed)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert rollout_iterations(straight) == rollout_iterations(resumed) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_new_run_over_an_interrupted_one_reuses_none_of_its_files(
+        setup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resume: bool) -> None:
+    """An RL run killed before its first checkpoint, then another policy trained into the same
+    folder (fresh, or resumed with nothing to resume): no stale rollout, log or evaluation."""
+    tok = load_model(setup / "policy")[1]
+    torch.manual_seed(1)
+    other = save_model(tmp_path / "other", Transformer(preset("tiny", vocab_size=tok.vocab_size,
+                                                              context_length=64)), tok)
+    common = ("train.steps=2", "probe_prompts=4", "train.lr=1e-2")
+    crash_at(1, monkeypatch)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_rl(config(tmp_path, "rl", f"model={setup / 'policy'}",
+                      f"prompts={setup / 'prompts.jsonl'}", *common), reward_fn=reward_space)
+    assert (tmp_path / "rl" / "eval_before.json").is_file()
+    assert list((tmp_path / "rl" / "rollout").iterdir())
+    monkeypatch.undo()
+    runs = [run_rl(config(tmp_path, out, f"model={other}", f"prompts={setup / 'prompts.jsonl'}",
+                          *common), resume=resume, reward_fn=reward_space)
+            for out in ("rl", "clean")]
+    reused, clean = ((json.loads((r / "eval_before.json").read_text()), load_model(r)[0])
+                     for r in runs)
+    assert reused[0] == clean[0]
+    for (name, x), (_, y) in zip(reused[1].state_dict().items(), clean[1].state_dict().items()):
+        assert torch.equal(x, y), name
+    assert rollout_iterations(runs[0]) == rollout_iterations(runs[1]) == [0, 1]

@@ -386,3 +386,70 @@ def test_measuring_the_peak_again_keeps_the_better_measurement(
     assert loop.measure_matmul_peak(cpu, n=64, seconds=0.01, again=True) == 1e30  # kept
     monkeypatch.setattr(loop, "_measured_peak", {(str(cpu), torch.float32): 1.0})
     assert loop.measure_matmul_peak(cpu, n=64, seconds=0.01, again=True) > 1.0  # replaced
+
+
+# --- settings, resume and export edge cases -------------------------------------------------
+
+
+def test_bad_micro_batch_and_warmup_settings_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    for bad, match in [("train.micro_batch_size=0", "micro_batch_size must be positive"),
+                       ("train.warmup_steps=-1", "warmup_steps must be 0 or more")]:
+        with pytest.raises(UserError, match=match):
+            pretrain_main(TINY, tiny(data_dir, tmp_path / "r", bad), resume=False)
+    assert TrainConfig(warmup_steps=0, micro_batch_size=None).warmup_steps == 0
+
+
+def test_a_run_killed_while_exporting_exports_when_resumed(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final checkpoint commits before the model files are written: a run that died in
+    that export resumes at its last step, and the resume must still write the model."""
+    from kotonoha.train import pretrain
+
+    real, calls = pretrain.save_model, []
+
+    def dies_the_first_time(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("killed while exporting")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "save_model", dies_the_first_time)
+    run = tiny(data_dir, tmp_path / "r", "train.steps=2")
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain_main(TINY, run, resume=False)
+    assert json.loads((tmp_path / "r" / "train_state" / "latest.json").read_text())["step"] == 2
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+    pretrain_main(TINY, run, resume=True)
+    assert json.loads((tmp_path / "r" / "model.json").read_text())["step"] == 2
+    model, _ = load_model(tmp_path / "r")
+    saved = loop.read_safetensors(tmp_path / "r" / "train_state" / "step_00000002"
+                                  / "model.safetensors")
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, saved[name]), name
+    assert max(train_losses(tmp_path / "r")) == 2  # no step was trained again
+
+
+def test_resuming_with_another_model_shape_is_a_user_error(data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    run = tiny(data_dir, tmp_path / "r", "train.steps=2")
+    pretrain_main(TINY, run, resume=False)
+    with pytest.raises(UserError, match="different model shape.*start a new out="):
+        pretrain_main(TINY, [*run, "model.d_model=96", "train.steps=4"], resume=True)
+
+
+@pytest.mark.parametrize("resumed_lora", [8, None])
+def test_resuming_with_another_lora_is_a_user_error(tmp_path: Path,
+                                                    resumed_lora: int | None) -> None:
+    from kotonoha.train.lora import LoRAConfig, apply_lora
+
+    def trainer(r: int | None) -> loop.Trainer:
+        model = Transformer(preset("tiny", vocab_size=64, context_length=16))
+        if r is not None:
+            apply_lora(model, LoRAConfig(r=r))
+        cfg = TrainConfig(steps=1, batch_size=2, device="cpu", progress=False, plot=False)
+        return loop.Trainer(model, cfg, tmp_path, get_batch=lambda step, rows: None,
+                            loss_fn=lambda model, batch: (torch.zeros(()), {}))
+
+    trainer(4).save_checkpoint()
+    with pytest.raises(UserError, match="different model shape"):
+        trainer(resumed_lora).load_checkpoint()

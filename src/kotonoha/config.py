@@ -105,6 +105,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if origin in (list, tuple) and not isinstance(value, list | tuple):
         raise UserError(f"{where} must be a list, got {value!r}.")
+    if (tp is dict or origin is dict) and not isinstance(value, dict):
+        raise UserError(f"{where} must be a mapping of settings, got {value!r}.")
     return value
 
 

@@ -108,6 +108,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise UserError(f"micro_batch_size must be positive, got {self.micro_batch_size}.")
+        if self.warmup_steps < 0:
+            raise UserError(f"warmup_steps must be 0 or more, got {self.warmup_steps}.")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -475,7 +479,9 @@ class Trainer:
         self.model.train()
         window_t0, window_tokens = time.perf_counter(), 0
         remeasured = False
-        saved_at = self.step if (self.run_dir / "train_state" / "latest.json").exists() else -1
+        # Not the step a resume loaded: its run may have died while exporting the model (the
+        # checkpoint commits first), so a run resumed at its final step saves and exports again.
+        saved_at = -1
         while self.step < cfg.steps:
             lr = lr_at(cfg, self.step)
             loss_sum, extra, grad_norm, step_tokens = self.train_step()
@@ -659,11 +665,16 @@ class Trainer:
             raise UserError(f"The checkpoint was trained with optimizer={saved_optimizer}; "
                             f"resume with the same optimizer (got {self.cfg.optimizer}).")
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.raw_model, read_safetensors(step_dir / "model.safetensors"),
-                             options=opts)
+        model_sd = read_safetensors(step_dir / "model.safetensors")
         # weights_only: an optimizer state is tensors, numbers and strings; never run code.
         optim_sd = torch.load(step_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(self.raw_model, self.optimizer, optim_sd, options=opts)
+        try:
+            set_model_state_dict(self.raw_model, model_sd, options=opts)
+            set_optimizer_state_dict(self.raw_model, self.optimizer, optim_sd, options=opts)
+        except (RuntimeError, KeyError, ValueError) as e:  # other tensors: names or shapes
+            raise UserError(f"The checkpoint in {self.run_dir} was trained with a different "
+                            "model shape; resume with the same model settings or start a new "
+                            "out=.") from e
         rng = step_dir / f"rng_rank{self.dist.rank}.pt"
         if rng.exists():  # absent when resuming on more ranks than the run had
             _load_rng(rng, self.device)

@@ -122,15 +122,21 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Wrap every nn.Linear whose attribute name is in `cfg.targets`; freeze all the rest."""
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = 0
+    matched: set[str] = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in cfg.targets and type(child) is nn.Linear:
                 setattr(parent, name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
-                wrapped += 1
-    if not wrapped:
+                matched.add(name)
+    if not matched:
         raise UserError(f"No linear layer of the model is named any of {cfg.targets}; LoRA "
                         f"targets must be among {', '.join(ALL_PROJECTIONS)}.")
+    # A known projection may be absent (a gelu MLP has no gate_proj, and the default targets
+    # name it); any other name that matched nothing is a typo, not to be skipped silently.
+    unknown = [t for t in cfg.targets if t not in matched and t not in ALL_PROJECTIONS]
+    if unknown:
+        raise UserError(f"LoRA target(s) {', '.join(unknown)} match no linear layer of the "
+                        f"model; targets must be among {', '.join(ALL_PROJECTIONS)}.")
     return model
 
 
@@ -183,8 +189,16 @@ class AdaptersOff(nn.Module):
         self._model = [model]  # a list, so it is not a submodule that .eval() would touch
 
     def forward(self, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        with adapters_disabled(self._model[0]):
-            return self._model[0](ids, **kwargs)
+        # Eval mode, as a separate reference model is: the shared model may be training, and
+        # dropout would make the reference's log-probs random.
+        model = self._model[0]
+        was_training = model.training
+        model.eval()
+        try:
+            with adapters_disabled(model):
+                return model(ids, **kwargs)
+        finally:
+            model.train(was_training)
 
 
 # --- adapter-only files --------------------------------------------------------------------

@@ -47,7 +47,8 @@ right 95-99% of the time: the checker's reward was nearly constant and RL did no
 
 Run directory: what the core writes (metrics.jsonl, train_state/, model files, loss.png), plus
 `rollouts.jsonl` (one line per iteration: reward, length, KL, sample replies), `rollout/`
-(the current iteration's samples, so a resume mid-iteration trains on the same samples),
+(the samples of the current iteration and of the one the latest checkpoint falls inside, so a
+resume mid-iteration trains on the same samples),
 `rl.png` (reward, KL and length curves) and `summary.json`.
 """
 
@@ -58,6 +59,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -99,6 +101,7 @@ RewardFn = Callable[[Sequence[Prompt], Sequence[str]], list[float]]
 
 ROLLOUT_DIR = "rollout"
 ROLLOUTS_LOG = "rollouts.jsonl"
+EVAL_BEFORE = "eval_before.json"
 
 
 # RL wants a small constant learning rate: the policy starts good and must stay near it.
@@ -359,6 +362,18 @@ class Rollout:
         return cls(index=index, **load_file(str(path)))
 
 
+def rollout_path(run_dir: Path, index: int, rank: int) -> Path:
+    return run_dir / ROLLOUT_DIR / f"iter{index:06d}.rank{rank}.safetensors"
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's latest committed checkpoint, or None when it has none."""
+    latest = run_dir / "train_state" / "latest.json"
+    if not latest.is_file():
+        return None
+    return int(json.loads(latest.read_text(encoding="utf-8"))["step"])
+
+
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None,
                       batch_size: int = 16) -> torch.Tensor:
@@ -460,12 +475,20 @@ class RLRun:
         return pack_rollout_rows(batch, self.policy.cfg.context_length)
 
     def _load_or_make(self, index: int) -> Rollout:
-        path = self.run_dir / ROLLOUT_DIR / f"rank{self.d.rank}.safetensors"
+        path = rollout_path(self.run_dir, index, self.d.rank)
         saved = Rollout.load(path, index)
         if saved is not None:  # resumed in the middle of an iteration: the same samples
             return saved
         rollout = self.make_rollout(index)
         rollout.save(path)
+        # Keep the rollout of the iteration the latest checkpoint falls inside: a resume
+        # from it trains on those samples, not on ones drawn again from newer weights.
+        step = checkpoint_step(self.run_dir)
+        keep = {path} | ({rollout_path(self.run_dir, step // self.steps_per_rollout,
+                                       self.d.rank)} if step is not None else set())
+        for old in path.parent.glob(f"*.rank{self.d.rank}.safetensors"):
+            if old not in keep:
+                old.unlink(missing_ok=True)
         return rollout
 
     # --- sampling and scoring ----------------------------------------------------------------
@@ -646,11 +669,12 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        if not resume:
-            (run_dir / ROLLOUTS_LOG).unlink(missing_ok=True)
 
     torch.manual_seed(cfg.train.seed)
     run = RLRun(cfg, policy, reference, tok, prompts, reward, d, run_dir)
+    if d.is_main:
+        _drop_stale_files(run_dir, resume, run.steps_per_rollout)
+    d.barrier()  # no rank reads a rollout or eval_before.json before they are cleaned up
     export = make_export(run_dir, policy, tok, lora, cfg.merge_lora,
                          {"stage": "rl", "init_from": str(cfg.model), "reward": cfg.reward})
 
@@ -658,8 +682,6 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                 else None)
     trainer = Trainer(policy, cfg.train, run_dir, get_batch=run.get_batch, loss_fn=run.loss_fn,
                       evaluate=evaluate, export=export, dist_info=d)
-    if resume:
-        _trim_rollouts(run_dir, run.steps_per_rollout)
     if d.is_main and cfg.train.progress:
         iters = math.ceil(cfg.train.steps / run.steps_per_rollout)
         print(f"rl: {iters} iterations x {cfg.prompts_per_rollout} prompts x "
@@ -667,7 +689,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
               + (f", {run.dropped} too long skipped" if run.dropped else "") + "), "
               f"{run.steps_per_rollout} optimizer step(s) each, reward={cfg.reward}, "
               f"kl_coef={cfg.kl_coef} on {d.device}", file=sys.stderr)
-    before_path = run_dir / "eval_before.json"
+    before_path = run_dir / EVAL_BEFORE
     if evaluate is not None and not before_path.is_file():  # the SFT policy, once
         before = trainer.run_eval()
         if d.is_main:
@@ -681,13 +703,29 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     return run_dir
 
 
-def _trim_rollouts(run_dir: Path, steps_per_rollout: int) -> None:
+def _drop_stale_files(run_dir: Path, resume: bool, steps_per_rollout: int) -> None:
+    """Remove what an interrupted run in `run_dir` left that this run must not reuse."""
+    step = checkpoint_step(run_dir) if resume else None
+    if step is None:  # a fresh start (or nothing to resume): none of it belongs to this run
+        shutil.rmtree(run_dir / ROLLOUT_DIR, ignore_errors=True)
+        (run_dir / ROLLOUTS_LOG).unlink(missing_ok=True)
+        (run_dir / EVAL_BEFORE).unlink(missing_ok=True)
+        return
+    _trim_rollouts(run_dir, step, steps_per_rollout)
+    # Only the rollout of the iteration the checkpoint falls inside is reused; ones the run
+    # made after its checkpoint are made again (and logged again: their lines were dropped).
+    index, within = divmod(step, steps_per_rollout)
+    needed = f"iter{index:06d}." if within else None
+    for path in (run_dir / ROLLOUT_DIR).glob("*.safetensors"):
+        if needed is None or not path.name.startswith(needed):
+            path.unlink(missing_ok=True)
+
+
+def _trim_rollouts(run_dir: Path, step: int, steps_per_rollout: int) -> None:
     """Drop rollouts.jsonl lines of iterations the checkpoint did not reach (they are redone)."""
     path = run_dir / ROLLOUTS_LOG
-    latest = run_dir / "train_state" / "latest.json"
     if not path.exists():
         return
-    step = json.loads(latest.read_text(encoding="utf-8"))["step"] if latest.exists() else 0
     keep_below = math.ceil(step / steps_per_rollout)  # iterations started before `step`
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
              if ln.strip() and json.loads(ln).get("iteration", 0) < keep_below]
