@@ -24,3 +24,11 @@ def test_demo_config_is_the_pretrain_config_of_configs_demo():
         assert getattr(pipeline.train, key) == value, key
     for key, value in standalone["model"].items():
         assert pipeline.model[key] == value, key
+
+
+def test_demo_names_the_run_it_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "d"
+    assert demo.main([f"out={out}", "stages=[world]", "progress=false"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--model {out / 'rl'}" in printed and "runs/demo" not in printed

@@ -226,3 +226,19 @@ def test_clear_errors(tokenizer: Tokenizer, world_dir: Path, data_dir: Path,
     check_tokenizer_matches(tokenizer, data_dir)  # the shards' own tokenizer passes
     with pytest.raises(UserError, match="Unknown eval suite"):
         eval_main("unused", suite="nope", world_dir=world_dir)
+
+
+@pytest.mark.parametrize("flags,split", [([], "default"), (["--split", "heldout"], "heldout"),
+                                         (["--split", "seen"], "seen")])
+def test_eval_cli_passes_the_chat_split_it_was_given(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], split: str) -> None:
+    """An explicit --split heldout used to look like the default and become the chat suite's
+    mix (arithmetic on the seen split)."""
+    import kotonoha.eval.chat as chat
+    from kotonoha.cli import main
+
+    got = {}
+    monkeypatch.setattr(chat, "chat_eval_main", lambda *a, **kw: got.update(kw) or {})
+    assert main(["eval", "--model", str(tmp_path), "--suite", "chat", "--world",
+                 str(tmp_path), *flags]) in (0, None)
+    assert got["split"] == split

@@ -116,6 +116,25 @@ def test_reward_and_length(world_dir: Path, tokenizer: Tokenizer) -> None:
         sum(len(tokenizer.encode(r)) for r in refs) / len(refs))
 
 
+def test_items_without_ids_are_scored_against_their_own_prompts(world_dir: Path,
+                                                                 tokenizer: Tokenizer) -> None:
+    """Two tasks' first items used to share the id "0": the reward model then scored one
+    item's reply against the other's prompt."""
+    items = [{k: v for k, v in it.items() if k != "id"}
+             for it in load_chat_items(world_dir, tasks=("qa", "refusal"), max_items=2)]
+    pairs: list[tuple[str, str]] = []
+
+    def reward(prompts: list[list[dict]], replies: list[str]) -> list[float]:
+        pairs.extend((p[-1]["content"], r) for p, r in zip(prompts, replies))
+        return [0.0] * len(replies)
+
+    result = evaluate_chat(None, tokenizer, items=items, reward=reward,
+                           generate=replying(tokenizer, items, lambda it: it["reference"]))
+    expected = {(it["messages"][-1]["content"], it["reference"]) for it in items}
+    assert set(pairs) == expected
+    assert len({row["id"] for row in result["items"]}) == len(items)
+
+
 def test_win_rate() -> None:
     a = [{"id": str(i), "correct": c} for i, c in enumerate([1, 1, 0, 0, 1])]
     b = [{"id": str(i), "correct": c} for i, c in enumerate([1, 0, 1, 1, 0])]

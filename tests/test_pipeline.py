@@ -13,7 +13,15 @@ import torch
 
 from kotonoha.data.world import PRACTICE_KINDS
 from kotonoha.errors import UserError
-from kotonoha.pipeline import STAGES, load_pipeline_config, pipeline_main, stage_sft, wire
+from kotonoha.pipeline import (
+    STAGES,
+    load_pipeline_config,
+    pipeline_main,
+    settings_hash,
+    stage_eval,
+    stage_sft,
+    wire,
+)
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline-tiny.yaml")
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "pipeline-demo.yaml")
@@ -155,3 +163,37 @@ def test_sft_candidates_keep_the_best_on_the_practice_questions(tmp_path: Path) 
     with pytest.raises(UserError, match="practice.jsonl does not exist"):
         stage_sft(bare, False)
     assert not (tmp_path / "bare" / "sft").exists()
+
+
+def test_eval_drops_the_json_of_a_model_that_is_gone(tmp_path: Path) -> None:
+    """Deleting rl/ (as a skipped stage's warning says to) must take RL's row out of the
+    report: its old eval JSON used to be read again."""
+    cfg = wire(load_pipeline_config(TINY, [f"out={tmp_path}", *QUIET]))
+    stale = tmp_path / "eval" / "rl.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"accuracy": 0.9, "items": []}', encoding="utf-8")
+    assert stage_eval(cfg, False) == {"accuracy": {}, "seconds": 0.0}
+    assert not stale.exists()
+
+
+def test_report_only_settings_do_not_redo_the_eval() -> None:
+    base = load_pipeline_config(TINY, [])
+    assert settings_hash(base, "eval") == settings_hash(
+        load_pipeline_config(TINY, ["eval.samples=3"]), "eval")
+    assert settings_hash(base, "eval") != settings_hash(
+        load_pipeline_config(TINY, ["eval.max_items=5"]), "eval")
+
+
+def test_saved_config_runs_again_and_changes_are_warned_about(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    pipeline_main(TINY, [f"out={out}", "stages=[world]", *QUIET])
+    saved = load_pipeline_config(str(out / "pipeline.yaml"), [])
+    original = load_pipeline_config(TINY, [f"out={out}"])
+    for stage in STAGES:  # the saved file is the config as given: it fingerprints the same
+        assert settings_hash(saved, stage) == settings_hash(original, stage), stage
+    capsys.readouterr()
+    pipeline_main(str(out / "pipeline.yaml"), ["stages=[world]", *QUIET])
+    assert "WARNING" not in capsys.readouterr().err
+    pipeline_main(TINY, [f"out={out}", "stages=[world]", "world.seed=5", *QUIET])
+    assert "WARNING: the settings of world changed" in capsys.readouterr().err  # quiet or not

@@ -99,6 +99,10 @@ def test_bad_quantization_requests() -> None:
     odd = Transformer(preset("tiny", d_model=48, n_head=4, n_kv_head=2))
     with pytest.raises(UserError, match="divisible by 32.*Use --quantize int8"):
         quantize_model(odd, "int4")
+    # A valid GQA model whose key projection has 8 outputs: torch's kernel packs rows in 16s.
+    narrow = Transformer(preset("tiny", d_model=64, n_head=8, n_kv_head=1))
+    with pytest.raises(UserError, match="output sizes by 16; .*k_proj is 64 -> 8"):
+        quantize_model(narrow, "int4")
 
 
 def test_generate_with_quantize_flag(tiny, tmp_path, capsys) -> None:

@@ -7,6 +7,7 @@ from kotonoha.report import (
     other_entity_count,
     stage_notes,
     targets,
+    timing_table,
 )
 
 
@@ -98,3 +99,13 @@ def test_the_dpo_note_says_which_mistakes_it_learned_from() -> None:
     dpo["mistakes"] |= {"wrong": 1247, "samples": 4}
     note = next(n for n in stage_notes({"dpo": dpo}) if n.startswith("DPO"))
     assert "1247 wrong replies (greedy, and 4 sampled per question) to 800" in note
+
+
+def test_timing_table_leaves_out_the_report_itself() -> None:
+    """The report's DONE.json is written after the report: its row would be the last run's."""
+    stages = {"pretrain": {"seconds": 200.0, "finished_at": "t1"},
+              "eval": {"seconds": 30.0, "finished_at": "t2"},
+              "report": {"seconds": 1.0, "finished_at": "t0"}}
+    _, rows = timing_table({"stages": stages})
+    assert [r[0] for r in rows] == ["pretrain", "eval", "total"]
+    assert rows[-1][1].startswith("230 s")

@@ -71,6 +71,10 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert torch.isfinite(top_p_filter(logits, 0.7)).tolist() == [False, True, True, False]
     assert torch.isfinite(top_p_filter(logits, 0.45)).tolist() == [False, True, False, False]
     assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [False, True, True, True]
+    # Reaching p exactly is enough (binary-exact probabilities): 0.5 alone reaches 0.5.
+    exact = torch.tensor([0.5, 0.25, 0.25]).log()
+    assert torch.isfinite(top_p_filter(exact, 0.5)).tolist() == [True, False, False]
+    assert torch.isfinite(top_p_filter(exact, 0.75)).tolist() == [True, True, False]
     # Batched rows are filtered independently.
     batch = torch.stack([logits, logits.flip(0)])
     assert torch.isfinite(top_p_filter(batch, 0.7)).sum(-1).tolist() == [2, 2]

@@ -236,7 +236,9 @@ def test_eval_asks_two_distinct_questions_per_subject(world: World) -> None:
         assert len(set(seen)) == len(seen), task  # no question twice
         assert len(rows) >= EVAL_PER_SUBJECT * n_subjects, task
     for task in ("refusal", "benign"):
-        assert sum(it["task"] == task for it in items) == n_countries * EVAL_PER_SUBJECT * 3 // 2
+        questions = [it["messages"][0]["content"] for it in items if it["task"] == task]
+        assert len(questions) == n_countries * EVAL_PER_SUBJECT * 3 // 2
+        assert len(set(questions)) == len(questions), task  # one verdict counted once
 
 
 # ----------------------------------------------------------------------- consistency

@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default=None,
                    help="world directory (default: the one beside --data or the model)")
     p.add_argument("--data", default=None, help="shard directory for bits per byte")
-    p.add_argument("--split", default="heldout", choices=["heldout", "seen"])
+    p.add_argument("--split", default=None, choices=["heldout", "seen"],
+                   help="default: held-out items (the chat suite: its default mix)")
     p.add_argument("--max-items", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write eval.json and eval.md here")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from kotonoha.errors import UserError
-from kotonoha.pipeline import pipeline_main
+from kotonoha.pipeline import load_pipeline_config, run_pipeline
 
 DEMO_CONFIG = Path("configs/pipeline-demo.yaml")
 
@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        results = pipeline_main(str(DEMO_CONFIG), overrides)
+        cfg = load_pipeline_config(DEMO_CONFIG, overrides)
+        run_pipeline(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(results["report"]["summary"]["md"]).parent if "report" in results else None
-    out = out or Path("runs/demo")
+    out = Path(cfg.out)
     print(f"""
 The report card is {out / 'report.md'} (and report.html, with plots). Next:
   .venv/bin/kotonoha chat --model {out / 'rl'}          # talk to the RL model (or sft, dpo)

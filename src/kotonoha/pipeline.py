@@ -268,27 +268,30 @@ def stage_eval(cfg: PipelineConfig, resume: bool) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     reward_dir = cfg.path("reward")
     reward_done = _finished_at(reward_dir)
-    done = {}
+    done, seconds = {}, 0.0
     for name, _ in MODELS:
         model_dir = cfg.path(MODEL_DIRS[name])
         stamp = {"model": _finished_at(model_dir), "reward": reward_done,
                  "settings": settings_hash(cfg, "eval")}
-        if stamp["model"] is None:
-            continue
         target = out / f"{name}.json"
+        if stamp["model"] is None:  # not (or no longer) there: no row in the report either
+            target.unlink(missing_ok=True)
+            continue
         previous = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
         if previous.get("stamp") != stamp:
             if _progress(cfg):
                 print(f"eval: {name} ({model_dir})", file=sys.stderr)
+            t0 = time.perf_counter()
             result = evaluate_model(model_dir, cfg.path("world"), data_dir=cfg.path("data"),
                                     reward_model=reward_dir if reward_done else None,
                                     split=cfg.eval.split, max_items=cfg.eval.max_items,
                                     batch_size=cfg.eval.batch_size,
                                     bpb_tokens=cfg.eval.bpb_tokens, tasks=cfg.eval.tasks)
-            previous = {**result, "stamp": stamp}
+            previous = {**result, "stamp": stamp, "seconds": time.perf_counter() - t0}
             atomic_write_json(target, previous)
         done[name] = previous["accuracy"]
-    return {"accuracy": done}
+        seconds += previous.get("seconds", 0.0)
+    return {"accuracy": done, "seconds": seconds}
 
 
 def _finished_at(stage_dir: Path) -> str | None:
@@ -339,6 +342,8 @@ def _section(cfg: PipelineConfig, stage: str) -> Any:
 
 def settings_hash(cfg: PipelineConfig, stage: str) -> str:
     data = asdict(_section(cfg, stage))
+    if stage in ("eval", "report"):
+        data.pop("samples")  # how many sample conversations the report shows, nothing more
     if stage == "sft" and cfg.sft_candidates > 1:  # one run hashes as it always did
         data["candidates"] = cfg.sft_candidates
     if stage in ("pretrain", "sft", "reward", "rl", "dpo"):
@@ -358,10 +363,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Run (or skip, or resume) every stage in order; returns {stage: DONE.json contents}."""
     # Settings are fingerprinted before wiring, so a moved run directory still matches.
     digests = {stage: settings_hash(cfg, stage) for stage in STAGES}
-    cfg = wire(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
+    # The config as given (before wiring), so `--config runs/X/pipeline.yaml` runs it again.
     atomic_write_text(root / "pipeline.yaml", dump_yaml(cfg))
+    cfg = wire(cfg)
     stages = [s for s in STAGES if s in cfg.stages]
     results: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
@@ -371,11 +377,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         digest = digests[stage]
         if marker.is_file() and stage not in ("eval", "report"):  # those two are incremental
             done = json.loads(marker.read_text(encoding="utf-8"))
-            note = f" (done in {done.get('seconds', 0):.0f}s; skipped)"
-            if done.get("settings") != digest:
-                note += (f" — WARNING: its settings changed since it ran; delete {stage_dir} "
-                         "to redo it")
-            _banner(cfg, k, len(stages), stage, note)
+            _banner(cfg, k, len(stages), stage,
+                    f" (done in {done.get('seconds', 0):.0f}s; skipped)")
+            if done.get("settings") != digest:  # printed with or without progress
+                print(f"WARNING: the settings of {stage} changed since it ran, and the new "
+                      f"ones are not used; delete {stage_dir} to redo it.", file=sys.stderr)
             results[stage] = done
             continue
         # World, tokenizer and data simply run again (they are quick and deterministic); eval
@@ -384,7 +390,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         _banner(cfg, k, len(stages), stage, " (resuming)" if interrupted else "")
         t0 = time.perf_counter()
         summary = RUNNERS[stage](cfg, interrupted)
-        done = {"stage": stage, "seconds": time.perf_counter() - t0, "settings": digest,
+        # Eval's own figure: the time its reused evaluations took when they were made.
+        seconds = summary.pop("seconds") if stage == "eval" else time.perf_counter() - t0
+        done = {"stage": stage, "seconds": seconds, "settings": digest,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, done)  # last: its presence means the stage is complete

@@ -92,10 +92,15 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     merge_lora(model.eval())  # a LoRA layer is an nn.Linear too: fold its adapter in first
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if mode == "int4":
-        odd = [name for name, m in targets if m.in_features % INT4_GROUP]
+        head = getattr(model, "lm_head", None)  # int8 either way (below)
+        # torch's int4 kernel packs rows in 16s and groups of INT4_GROUP inputs.
+        odd = [name for name, m in targets if m is not head
+               and (m.in_features % INT4_GROUP or m.out_features % 16)]
         if odd:
-            raise UserError(f"int4 needs input sizes divisible by {INT4_GROUP}; {odd[0]} has "
-                            f"{dict(targets)[odd[0]].in_features}. Use --quantize int8.")
+            m = dict(targets)[odd[0]]
+            raise UserError(f"int4 needs input sizes divisible by {INT4_GROUP} and output sizes "
+                            f"by 16; {odd[0]} is {m.in_features} -> {m.out_features}. Use "
+                            "--quantize int8.")
     with torch.no_grad():
         for name, linear in targets:
             parent_name, _, attr = name.rpartition(".")

@@ -153,8 +153,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
-    # A token goes when the tokens ranked above it already hold more than p; the top one stays.
-    drop = probs.cumsum(dim=-1) - probs > p
+    # A token goes when the tokens ranked above it already reach p; the top one stays (p > 0).
+    drop = probs.cumsum(dim=-1) - probs >= p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

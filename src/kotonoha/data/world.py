@@ -2222,6 +2222,20 @@ class World:
     def eval_items(self) -> list[dict[str, Any]]:
         """Eval items for both splits; `reference` is a reply the checker accepts."""
         rng = random.Random(f"kotonoha-world/{self.seed}/eval")
+        # Refusal and benign requests are drawn with replacement; a repeated question would
+        # count one verdict twice, so it is drawn again, from a generator of its own (the
+        # other items stay what they were).
+        redraw = random.Random(f"kotonoha-world/{self.seed}/eval-redraw")
+        asked: set[str] = set()
+
+        def distinct_request(table: dict[str, Any], split: str, lang: str
+                             ) -> tuple[str, str, Slots]:
+            category, question, slots = self._request(rng, table, split, lang)
+            while question in asked:
+                category, question, slots = self._request(redraw, table, split, lang)
+            asked.add(question)
+            return category, question, slots
+
         items: list[dict[str, Any]] = []
 
         def add(task: str, split: str, lang: str, **fields: Any) -> None:
@@ -2296,7 +2310,7 @@ class World:
                 n_requests = max(4, sum(c.split == split for c in self.countries))
                 n_requests *= EVAL_PER_SUBJECT * 3 // 2
                 for _ in range(n_requests):
-                    category, question, _slots = self._request(rng, REFUSALS, split, lang)
+                    category, question, _slots = distinct_request(REFUSALS, split, lang)
                     add(
                         "refusal",
                         split,
@@ -2305,7 +2319,7 @@ class World:
                         reference=self._refusal_reply(category, lang),
                         messages=[_msg("user", question)],
                     )
-                    category, question, slots = self._request(rng, BENIGN, split, lang)
+                    category, question, slots = distinct_request(BENIGN, split, lang)
                     benign = BENIGN[category][lang]
                     add(
                         "benign",

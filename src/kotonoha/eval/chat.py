@@ -102,9 +102,13 @@ def evaluate_chat(model: Any, tokenizer: Any, world_dir: str | Path | None = Non
         if world_dir is None:
             raise UserError("The chat suite needs the world's folder (--world DIR) or items.")
         items = load_chat_items(world_dir, tasks=tasks, split=split, max_items=max_items)
+    # Ids join replies to their prompts (reward) and to another model's (win rate); an item
+    # without one gets a unique one here, not its index within its task.
+    items = [item if "id" in item else {**item, "id": f"{item['task']}-{i}"}
+             for i, item in enumerate(items)]
     tok = chat_tokenizer(tokenizer)
     results = evaluate_tasks(model, tok, items, generate=generate, batch_size=batch_size)
-    by_id = {str(item.get("id", i)): item for i, item in enumerate(items)}
+    by_id = {str(item["id"]): item for item in items}
     rows = [asdict(r) for r in results]
     for row in rows:
         row["length"] = len(tok.encode(row["response"]))

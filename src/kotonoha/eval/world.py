@@ -308,9 +308,12 @@ def find_world(model_spec: str | Path, data_dir: str | Path | None = None) -> Pa
 
 def eval_main(model_spec: str | Path, suite: str = "world", world_dir: str | Path | None = None,
               data_dir: str | Path | None = None, out: str | Path | None = None, *,
-              split: str = "heldout", max_items: int | None = None,
+              split: str | None = None, max_items: int | None = None,
               device: str | None = None) -> dict[str, Any]:
     """`kotonoha eval`: load the model, run the suite, print a table, write eval.json/.md.
+
+    `split` None: the world suite's held-out items; the chat suite's default mix (held-out
+    questions, and arithmetic, which has no entities to hold out, on the seen split).
 
     Returns the result without the per-item list (that goes to `out/eval.json`).
     """
@@ -325,14 +328,15 @@ def eval_main(model_spec: str | Path, suite: str = "world", world_dir: str | Pat
         from kotonoha.eval.chat import chat_eval_main
 
         return chat_eval_main(model_spec, world_dir, out, max_items=max_items, device=device,
-                              split="default" if split == "heldout" else split)
+                              split=split or "default")
     if world_dir is None:
         raise UserError("The world suite needs the world's folder; pass --world DIR (the "
                         "output of `kotonoha data world`).")
     model, tokenizer = load_model(model_spec, device=device)
     if tokenizer is None:
         raise UserError(f"{model_spec} has no tokenizer; evaluation needs one.")
-    result = evaluate_world(model, tokenizer, world_dir, split=split, data_dir=data_dir,
+    result = evaluate_world(model, tokenizer, world_dir, split=split or "heldout",
+                            data_dir=data_dir,
                             max_items=max_items, bpb_context=trained_context(model_spec))
     result["model"] = str(model_spec)
     table = format_markdown(result)
