@@ -212,3 +212,49 @@ def test_pickled_weights_are_never_executed(tmp_path: Path) -> None:
     with pytest.raises(UserError):
         load_model(tmp_path)
     assert not marker.exists()
+
+
+def test_output_check_refuses_another_format(tmp_path: Path) -> None:
+    from kotonoha.checkpoint import check_output
+
+    save_model(tmp_path / "kt", randomized({}))
+    with pytest.raises(UserError, match="already holds a kotonoha model"):
+        check_output(tmp_path / "kt", "hf")
+    assert check_output(tmp_path / "kt", "kotonoha") == tmp_path / "kt"  # same format: fine
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a Hugging Face model"):
+        check_output(tmp_path / "hf", "kotonoha")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        check_output(tmp_path / "file", "hf")
+    assert check_output(tmp_path / "new" / "folder", "hf") == tmp_path / "new" / "folder"
+    (tmp_path / "lora").mkdir()  # a LoRA run: its merged model may sit beside the adapter
+    (tmp_path / "lora" / "adapter.json").write_text("{}")
+    assert check_output(tmp_path / "lora", "kotonoha") == tmp_path / "lora"
+    with pytest.raises(UserError, match="already holds a LoRA adapter model"):
+        check_output(tmp_path / "lora", "hf")
+
+
+def test_save_hf_refuses_a_kotonoha_folder(tmp_path: Path) -> None:
+    from kotonoha.convert.hf import save_hf
+
+    model = randomized({})
+    save_model(tmp_path, model)
+    with pytest.raises(UserError, match="choose an empty folder"):
+        save_hf(tmp_path, model)
+    assert not (tmp_path / "config.json").exists()
+    assert torch.equal(load_model(tmp_path)[0](IDS), model(IDS))  # the model is untouched
+
+
+@pytest.mark.parametrize("device,match", [("bogus", "cpu, cuda, cuda:N or mps"),
+                                          ("cuda:x", "cpu, cuda, cuda:N or mps")])
+def test_unknown_device_is_one_sentence(tmp_path: Path, device: str, match: str) -> None:
+    from kotonoha.checkpoint import parse_device
+
+    save_model(tmp_path, randomized({}))
+    with pytest.raises(UserError, match=match):
+        load_model(tmp_path, device=device)
+    with pytest.raises(UserError, match=match):
+        parse_device(device)
+    assert parse_device("cpu") == torch.device("cpu")

@@ -11,6 +11,7 @@ from kotonoha.chat import ChatSession
 from kotonoha.checkpoint import save_model
 from kotonoha.cli import main
 from kotonoha.engine import Engine
+from kotonoha.errors import UserError
 from kotonoha.model import Transformer, preset
 from kotonoha.sampling import SamplingParams
 from kotonoha.tokenizer import sample_text_paths, train_bpe_from_files
@@ -208,3 +209,98 @@ def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "kotonoha.cli", "model-info", "tiny"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "parameters" in r.stdout
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--prompt", "word " * 200], "context"),
+    (["--prompt", "x", "--logit-bias", "999999=5"], "999999"),
+])
+def test_generate_checks_before_printing(model_dir, extra, match, capsys):
+    code, out, err = run(["generate", "--model", str(model_dir), *extra], capsys)
+    assert code == 2 and match in err
+    assert out == ""  # the prompt is not echoed before the error
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_seq_len_below_one_is_refused(model_dir, value, capsys):
+    code, _, err = run(["generate", "--model", str(model_dir), "--prompt", "x",
+                        "--max-seq-len", value], capsys)
+    assert code == 2 and f"--max-seq-len must be in 1..96 (the model's context), got {value}" in err
+
+
+@pytest.mark.parametrize("seed,ok", [(2**64, False), (-(2**63) - 1, False), (2**64 - 1, True),
+                                     (-1, True), (0, True)])
+def test_seed_range_is_the_one_torch_accepts(seed, ok):
+    params = SamplingParams(seed=seed)
+    if ok:
+        params.validate()
+        torch.Generator().manual_seed(seed)
+    else:
+        with pytest.raises(UserError, match="seed must be a whole number from"):
+            params.validate()
+
+
+def test_seed_overflow_is_one_sentence(model_dir, capsys):
+    code, _, err = run(["generate", "--model", str(model_dir), "--prompt", "x",
+                        "--seed", "99999999999999999999"], capsys)
+    assert code == 2 and "seed" in err and "Traceback" not in err
+
+
+def test_unknown_device_is_one_sentence(model_dir, capsys):
+    code, _, err = run(["generate", "--model", str(model_dir), "--prompt", "x",
+                        "--device", "bogus"], capsys)
+    assert code == 2 and "Device 'bogus'" in err and "cpu, cuda" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_model_info_of_gguf_packaged_name_and_run(model_dir, tmp_path, monkeypatch, capsys):
+    from kotonoha import models
+
+    gguf = tmp_path / "m.gguf"
+    assert run(["convert", "--from", str(model_dir), "--to", "gguf", "--gguf-type", "f32",
+                "--out", str(gguf)], capsys)[0] == 0
+    code, out, _ = run(["model-info", str(gguf)], capsys)
+    assert code == 0 and "2 layers" in out
+    # A packaged name goes through `models.resolve`, as every other verb's --model does.
+    real_resolve = models.resolve
+    monkeypatch.setattr(models, "resolve",
+                        lambda spec: gguf if spec == "smollm2" else real_resolve(spec))
+    code, out, _ = run(["model-info", "smollm2"], capsys)
+    assert code == 0 and "2 layers" in out
+    run_dir = tmp_path / "run"  # a run directory with its model in model/
+    (run_dir / "model").mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (run_dir / "model" / f.name).write_bytes(f.read_bytes())
+    code, out, _ = run(["model-info", str(run_dir)], capsys)
+    assert code == 0 and "2 layers" in out
+
+
+@pytest.mark.parametrize("to,out,make,match", [
+    ("gguf", "d", "dir", "is a directory"),
+    ("gguf", "noext", None, "does not end in .gguf"),
+    ("hf", "f", "file", "is a file"),
+    ("kotonoha", "f", "file", "is a file"),
+    ("hf", "d", "model.json", "already holds a kotonoha model"),
+    ("kotonoha", "d", "config.json", "already holds a Hugging Face model"),
+])
+def test_convert_refuses_a_wrong_out_before_loading(to, out, make, match, tmp_path, capsys):
+    target = tmp_path / out
+    if make == "file":
+        target.write_text("x")
+    elif make is not None:
+        target.mkdir()
+        if make != "dir":
+            (target / make).write_text("{}")
+    # --from does not exist: the --out error shows that nothing was loaded first.
+    code, _, err = run(["convert", "--from", str(tmp_path / "missing"), "--to", to,
+                        "--out", str(target)], capsys)
+    assert code == 2 and match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_convert_into_a_folder_of_the_same_format_still_works(model_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    argv = ["convert", "--from", str(model_dir), "--to", "hf", "--out", str(out)]
+    assert run(argv, capsys)[0] == 0
+    assert run(argv, capsys)[0] == 0  # overwriting an earlier export of the same format
+    assert not (out / "model.json").exists()

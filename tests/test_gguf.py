@@ -556,3 +556,14 @@ def test_gemma_parts_assemble_atomically(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(UserError, match="wrong SHA-256"):
         models.resolve("gemma3-270m")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["g.gguf.sha256"]
+
+
+def test_export_path_must_be_a_gguf_file(tmp_path: Path, tok: Tokenizer) -> None:
+    model = _random_model(_cfg("llama", tok.vocab_size))
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        save_gguf(tmp_path / "dir.gguf", model, tok)
+    with pytest.raises(UserError, match="does not end in .gguf"):  # loaders would refuse it
+        save_gguf(tmp_path / "noext", model, tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf"]
+    assert load_model(save_gguf(tmp_path / "UPPER.GGUF", model, tok))[0].cfg == model.cfg

@@ -145,6 +145,38 @@ def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer |
     return directory
 
 
+FORMAT_NAMES = {"kotonoha": "kotonoha", "hf": "Hugging Face"}
+# For each directory format, the models (name, marker file) an export must not land beside:
+# `load_model` would open the other one, or a mix. (A kotonoha model beside a LoRA adapter is
+# what a merged LoRA run holds.)
+OTHER_MODELS = {"kotonoha": [("Hugging Face", "config.json")],
+                "hf": [("kotonoha", CONFIG_FILE), ("LoRA adapter", "adapter.json")]}
+
+
+def check_output(path: str | Path, fmt: str) -> Path:
+    """Refuse an output path that cannot take a model of `fmt` ("kotonoha", "hf", "gguf"),
+    before anything is loaded or written: a GGUF file must end in .gguf (loaders go by the
+    suffix), and a directory must not already hold another format's model, whose files would
+    be left beside the new ones and could win when the folder is loaded."""
+    path = Path(path).expanduser()
+    if fmt == "gguf":
+        if path.is_dir():
+            raise UserError(f"{path} is a directory, but a GGUF export is one file; give a path "
+                            "ending in .gguf.")
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"{path} does not end in .gguf, which loaders need to recognise a "
+                            "GGUF file; add the suffix.")
+        return path
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, but a {FORMAT_NAMES[fmt]} model is written to a "
+                        "directory; choose a new or empty folder.")
+    for name, marker in OTHER_MODELS[fmt]:
+        if (path / marker).is_file():
+            raise UserError(f"{path} already holds a {name} model ({marker}); choose an empty "
+                            "folder or delete that model first.")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -177,6 +209,23 @@ def _common_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
+def parse_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device; a name torch does not know, or a GPU this machine lacks,
+    is one sentence instead of torch's RuntimeError."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"Device '{device}' is not one kotonoha knows; use cpu, cuda, cuda:N "
+                        "or mps.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"Device '{device}' was requested but no CUDA GPU is available.")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"Device '{device}' was requested but Apple's MPS is not available.")
+    return parsed
+
+
 def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, source: str | Path,
                 device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None) -> Transformer:
@@ -187,7 +236,7 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, source: s
     the config implies; `lm_head.weight` is ignored and re-tied when the embeddings are tied.
     `dtype=None` keeps the dtype most of the stored weights have.
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = parse_device(device) if device is not None else torch.device("cpu")
     dtype = dtype or _common_dtype(tensors)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -305,8 +354,7 @@ def load_for_inference(spec: str | Path, *, tokenizer: str | Path | None = None,
 
     if device is None:  # the quantized kernels are CPU ones
         device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"Device '{device}' was requested but no CUDA GPU is available.")
+    parse_device(device)  # a bad name fails here, before anything is loaded
     torch_dtype = getattr(torch, dtype) if dtype else None
     tok = Tokenizer.load(tokenizer) if tokenizer else None
     name = str(spec)

@@ -7,6 +7,8 @@ bug in kotonoha itself shows a traceback.
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from kotonoha.errors import UserError
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
+def _sampling_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -25,7 +27,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-tokens", type=int, default=256)
+    if chat:  # None: ChatSession's 256, at most half the context (room for the conversation)
+        g.add_argument("--max-tokens", type=int, default=None,
+                       help="most tokens per answer (default: 256, at most half the context)")
+    else:
+        g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -78,7 +84,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     from kotonoha.engine import DEFAULT_MAX_SEQ_LEN, Engine
 
-    seq = args.max_seq_len or min(model.cfg.context_length, DEFAULT_MAX_SEQ_LEN)
+    seq = args.max_seq_len
+    if seq is None:
+        seq = min(model.cfg.context_length, DEFAULT_MAX_SEQ_LEN)
+    elif seq < 1:  # the Engine would take 0 for "the model's context"
+        raise UserError(f"--max-seq-len must be in 1..{model.cfg.context_length} (the model's "
+                        f"context), got {seq}.")
     return Engine(model, tokenizer, max_batch_size=1, max_seq_len=seq, compile=args.compile)
 
 
@@ -86,9 +97,23 @@ def _engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
 
 
 def cmd_model_info(args: argparse.Namespace) -> None:
+    from kotonoha.checkpoint import CONFIG_FILE, load_model
     from kotonoha.info import describe, model_config_from_spec
+    from kotonoha.model import PRESETS
+    from kotonoha.models import resolve
 
-    cfg = model_config_from_spec(args.model)
+    # A preset name stays a preset (no install needed); anything else resolves as the other
+    # verbs' --model does: packaged names, .gguf files, run and LoRA directories.
+    path = None if args.model in PRESETS else Path(resolve(args.model)).expanduser()
+    if (path is None or not path.exists()
+            or any((path / f).is_file() for f in (CONFIG_FILE, "config.json"))):
+        cfg = model_config_from_spec(str(path or args.model))  # reads only the JSON
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        from kotonoha.convert.gguf import GGUFFile, config_from_gguf
+
+        cfg = config_from_gguf(GGUFFile(path))  # the header is enough: no weights are read
+    else:  # e.g. a run with its model in model/, a LoRA run; or load_model's one sentence
+        cfg = load_model(path)[0].cfg
     print(describe(cfg, context=args.context))
 
 
@@ -106,14 +131,21 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from kotonoha.chat import require_utf8
+
+    require_utf8(args.prompt, "--prompt")
     params = _sampling_params(args)
     model, tokenizer = _load(args)
     engine = _engine(model, tokenizer, args)
     ids = tokenizer.encode_prompt(args.prompt)
+    events = engine.stream(ids, params)
+    # The first event submits the request: a prompt too long for the context or a bad setting
+    # fails there, before the prompt is echoed.
+    first = list(itertools.islice(events, 1))
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     reason = None
-    for event in engine.stream(ids, params):
+    for event in itertools.chain(first, events):
         sys.stdout.write(event.text)
         sys.stdout.flush()
         reason = event.finish_reason or reason
@@ -123,8 +155,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from kotonoha.chat import ChatSession
+    from kotonoha.chat import ChatSession, require_utf8
 
+    if args.system is not None:
+        require_utf8(args.system, "--system")
     params = _sampling_params(args)
     model, tokenizer = _load(args)
     if tokenizer.chat_template is None:
@@ -133,14 +167,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
             "model with `kotonoha sft`, or use `kotonoha generate` for plain completion."
         )
     session = ChatSession(_engine(model, tokenizer, args), tokenizer, params, system=args.system)
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # Bytes that are not UTF-8 reach the session as surrogates, which it reports per line;
+        # strict decoding would end the whole chat with a UnicodeDecodeError.
+        sys.stdin.reconfigure(errors="surrogateescape")
     session.repl(sys.stdin, sys.stdout)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
-    from kotonoha.checkpoint import load_model, save_model
+    from kotonoha.checkpoint import check_output, load_model, save_model
 
+    check_output(args.out, args.to)  # before the (maybe slow) load
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.base and not args.merge_lora:
         raise UserError("--base only applies with --merge-lora (the base of a LoRA run).")
@@ -279,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="multi-turn chat in the terminal")
     _model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    _sampling_args(p)
+    _sampling_args(p, chat=True)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert between kotonoha, Hugging Face and GGUF")

@@ -80,6 +80,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2 <= value <= 2:
                 bad(f"{name} must be in [-2, 2], got {value}.")
+        # The range torch.Generator.manual_seed accepts (it reads a 64-bit integer).
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            bad(f"seed must be a whole number from {-(2**63)} to {2**64 - 1}, got {self.seed}.")
         if self.max_tokens is not None and self.max_tokens < 0:
             bad(f"max_tokens must be >= 0, got {self.max_tokens}.")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:

@@ -44,7 +44,7 @@ from gguf import quants as gguf_quants
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from kotonoha.checkpoint import _atomic_target, build_model
+from kotonoha.checkpoint import _atomic_target, build_model, check_output
 from kotonoha.errors import UserError
 from kotonoha.model import ModelConfig, Transformer
 from kotonoha.tokenizer import Tokenizer
@@ -685,7 +685,7 @@ def save_gguf(path: str | Path, model: Transformer, tokenizer: Tokenizer | None,
         raise UserError("GGUF files carry their tokenizer, and this model has none; pass one.")
     cfg = model.cfg
     arch = gguf_arch(cfg)  # refuse before writing anything
-    path = Path(path)
+    path = check_output(path, "gguf")  # a file ending in .gguf, which loaders recognise
     qtype = EXPORT_DTYPES[dtype]
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:

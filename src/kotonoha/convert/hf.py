@@ -25,6 +25,7 @@ import torch
 from kotonoha.checkpoint import (
     atomic_write_json,
     build_model,
+    check_output,
     load_tokenizer,
     read_json,
     read_safetensors,
@@ -452,7 +453,7 @@ def save_hf(directory: str | Path, model: Transformer, tokenizer: Tokenizer | No
             dtype: torch.dtype | None = None) -> Path:
     """Export to a Hugging Face directory that `transformers` loads with AutoModelForCausalLM
     (config.json, model.safetensors, generation_config.json, tokenizer files)."""
-    directory = Path(directory)
+    directory = check_output(directory, "hf")  # not a file, nor another format's folder
     cfg = model.cfg
     family = hf_family(cfg)  # refuse before writing anything
     directory.mkdir(parents=True, exist_ok=True)
