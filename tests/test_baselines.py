@@ -203,3 +203,25 @@ def test_baselines_main_end_to_end(data_dir: Path, tokenizer: Tokenizer,
     assert "| 3-gram KN |" in report and "| chance |" in report
     assert (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "baselines.json").read_text(encoding="utf-8"))["chance"] == 0.25
+
+
+def test_baselines_main_checks_settings_before_any_work(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kotonoha.baselines.compare as compare
+    from kotonoha.errors import UserError
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an n-gram was fitted before the settings were checked")
+
+    monkeypatch.setattr(compare, "run_ngram", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    bad = [({"max_train_tokens": 0}, "--max-train-tokens must be at least 3, not 0"),
+           ({"max_train_tokens": -5}, "--max-train-tokens must be at least 3, not -5"),
+           ({"max_train_tokens": 2}, "--max-train-tokens must be at least 3, not 2"),
+           ({"lstm_steps": -1}, "--lstm-steps must be 0"),
+           ({"transformer": tmp_path / "no-such-model"}, "does not exist"),
+           ({"out": afile}, "is a file")]
+    for kwargs, message in bad:
+        with pytest.raises(UserError, match=message):
+            baselines_main(data_dir, ngram_orders=(2, 3), progress=False, **kwargs)

@@ -242,3 +242,40 @@ def test_eval_cli_passes_the_chat_split_it_was_given(
     assert main(["eval", "--model", str(tmp_path), "--suite", "chat", "--world",
                  str(tmp_path), *flags]) in (0, None)
     assert got["split"] == split
+
+
+def test_eval_main_refuses_bad_settings_before_loading(
+        model: Transformer, tokenizer: Tokenizer, world_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import kotonoha.checkpoint as checkpoint
+
+    # A missing model is named as such (the loader's message), not as a missing world.
+    with pytest.raises(UserError, match="Model path .*no-such-model does not exist"):
+        eval_main(tmp_path / "no-such-model")
+    with pytest.raises(UserError, match="Model path .*no-such-model does not exist"):
+        eval_main(tmp_path / "no-such-model", suite="chat")
+    save_model(tmp_path / "m", model, tokenizer)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
+    for suite in ("world", "chat"):
+        for n in (0, -1):
+            with pytest.raises(UserError, match=f"--max-items must be at least 1, not {n}"):
+                eval_main(tmp_path / "m", suite=suite, world_dir=world_dir, max_items=n)
+        with pytest.raises(UserError, match="--out .*afile is a file"):
+            eval_main(tmp_path / "m", suite=suite, world_dir=world_dir, out=afile)
+    assert afile.read_text() == "x"
+
+
+def test_eval_progress_bar_changes_no_result(model: Transformer, tokenizer: Tokenizer,
+                                             world_dir: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    quiet = evaluate_world(model, tokenizer, world_dir, max_items=2)
+    assert capsys.readouterr().err == ""  # the pipeline's eval stays quiet
+    shown = evaluate_world(model, tokenizer, world_dir, max_items=2, progress=True)
+    assert "item" in capsys.readouterr().err
+    assert shown == quiet

@@ -177,3 +177,28 @@ def test_eval_main_chat_suite(world_dir: Path, tokenizer: Tokenizer, tmp_path: P
     saved = json.loads((tmp_path / "out" / "eval.json").read_text(encoding="utf-8"))
     assert len(saved["items"]) == 2 * len(CHAT_TASKS)  # one per task and language
     assert "over-refusal" in (tmp_path / "out" / "eval.md").read_text(encoding="utf-8")
+
+
+def test_chat_progress_bar_changes_no_result(world_dir: Path, tokenizer: Tokenizer,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tokenizer.vocab_size, context_length=256))
+    quiet = evaluate_chat(model, tokenizer, world_dir, max_items=1)
+    assert capsys.readouterr().err == ""  # the pipeline's eval (report.py) stays quiet
+    shown = evaluate_chat(model, tokenizer, world_dir, max_items=1, progress=True)
+    assert "item" in capsys.readouterr().err
+    assert shown == quiet
+
+
+def test_chat_eval_main_refuses_an_out_file_before_loading(world_dir: Path, tokenizer: Tokenizer,
+                                                           tmp_path: Path) -> None:
+    from kotonoha.errors import UserError
+    from kotonoha.eval.chat import chat_eval_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    # tmp_path holds no model: these are refused before anything is loaded.
+    with pytest.raises(UserError, match="is a file"):
+        chat_eval_main(tmp_path, world_dir, afile)
+    with pytest.raises(UserError, match="--max-items must be at least 1"):
+        chat_eval_main(tmp_path, world_dir, max_items=0)

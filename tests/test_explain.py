@@ -314,3 +314,65 @@ def test_micro_sweep_runs_end_to_end(tmp_path: Path) -> None:
     cfg.tokens *= 2
     with pytest.raises(UserError, match="other settings"):
         train_size(cfg, size, tmp_path / "data")
+
+
+# --- bad options: refused before anything is written --------------------------------------------
+
+
+def test_explain_refuses_bad_counts_and_writes_nothing(
+        model: Transformer, tok: Tokenizer, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kotonoha.explain.embeddings import embeddings_report
+    from kotonoha.explain.lens import lens_report
+
+    out = tmp_path / "out"
+    lens_bad = [({"k": 0}, "-k must be at least 1"), ({"k": -1}, "-k must be at least 1"),
+                ({"answer": ""}, "--answer is empty")]
+    for kwargs, message in lens_bad:
+        with pytest.raises(UserError, match=message):
+            lens_report(model, tok, out, prompt="The river", **kwargs)
+    attention_bad = [({"stories": 0}, "--stories must be at least 1"),
+                     ({"stories": -1}, "--stories must be at least 1"),
+                     ({"top": -1}, "--top must be at least 1"),
+                     ({"pronoun_langs": ["en", "fr"]}, "No pronoun stories in 'fr'"),
+                     ({"source": "Ana", "target": "Zzz"}, "'Zzz' does not occur")]
+    for kwargs, message in attention_bad:
+        with pytest.raises(UserError, match=message):
+            attention_report(model, tok, out, **{"prompt": TEXT, "stories": 2, **kwargs})
+    embeddings_bad = [({"k": -1}, "-k must be at least 1"),
+                      ({"per_template": 0}, "--per-template must be at least 1"),
+                      ({"ambiguous": ["bank", "foo"]}, "'foo' is not one of")]
+    for kwargs, message in embeddings_bad:
+        with pytest.raises(UserError, match=message):
+            embeddings_report(model, tok, out, words=["river", "water"], **kwargs)
+    assert not out.exists()  # no half-written folder
+
+    # A -k above the vocabulary lists the whole vocabulary; --top above the heads all heads.
+    assert len(logit_lens(model, tok, "The river", k=10**6)["layers"][0]["top"]) == tok.vocab_size
+    data = attention_report(model, tok, out, prompt=TEXT, target="watched", source="Ana",
+                            pronoun_langs=[], top=10**6)
+    assert len(data["heads"]["heads"]) == model.cfg.n_layer * model.cfg.n_head
+
+    # --out naming a file, and the checks above, fail before the model is even loaded.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        lens_report(model, tok, afile, prompt="The river")
+    missing = ["--model", str(tmp_path / "no-such-model")]
+    for argv, message in ((["lens", "--out", str(afile)], "is a file"),
+                          (["attention", "--out", str(afile)], "is a file"),
+                          (["embeddings", "--out", str(afile)], "is a file"),
+                          (["lens", "-k", "0"], "-k must be at least 1"),
+                          (["attention", "--top", "0"], "--top must be at least 1"),
+                          (["embeddings", "--per-template", "0"], "--per-template must")):
+        assert explain_cli(["explain", *argv, *missing]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_scaling_refuses_eval_items_below_one_before_training(tmp_path: Path) -> None:
+    for n in (0, -1):  # 0 divided by zero after training; -1 sliced off one item instead
+        cfg = load_config(ScalingConfig, CONFIGS / "scaling-micro.yaml",
+                          [f"out={tmp_path}", f"eval_items={n}", "train.progress=false"])
+        with pytest.raises(UserError, match="eval_items must be at least 1"):
+            run_scaling(cfg, progress=False)
+    assert not any(tmp_path.iterdir())  # no corpus, no run

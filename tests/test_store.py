@@ -202,3 +202,43 @@ def test_identical_answers_make_no_pair(store: Store, tmp_path: Path) -> None:
     out = tmp_path / "prefs.jsonl"
     assert export_preferences(store.path, out) == {}
     assert out.read_text(encoding="utf-8") == ""
+
+
+def test_export_never_writes_to_its_input(tmp_path: Path) -> None:
+    """The export opens the store read-only: an unrelated SQLite file or an empty file is
+    refused and left as it was, and --out may not be the database itself or a directory."""
+    other = tmp_path / "other.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    for path in (other, empty):
+        before = path.read_bytes()
+        with pytest.raises(UserError, match="is not a kotonoha feedback database"):
+            export_preferences(path, tmp_path / "out.jsonl")
+        assert path.read_bytes() == before
+        assert not (tmp_path / "out.jsonl").exists()
+
+    fb = tmp_path / "fb.db"
+    s = Store(fb)
+    c = s.create_conversation("c")
+    q = s.add_message(c["id"], None, "user", "Q?")
+    for text, rating in (("yes", 1), ("no", -1)):
+        s.set_feedback(s.add_message(c["id"], q["id"], "assistant", text)["id"], rating)
+    s.close()
+    before = fb.read_bytes()
+    for out in (fb, tmp_path / "." / "fb.db"):
+        with pytest.raises(UserError, match="is the database itself"):
+            export_preferences(fb, out)
+    with pytest.raises(UserError, match="is a directory"):
+        export_preferences(fb, tmp_path)
+    assert export_preferences(fb, tmp_path / "prefs.jsonl") == {"feedback": 1}
+    assert fb.read_bytes() == before
+    reopened = Store(fb)  # the server's read-write use is unchanged
+    try:
+        assert len(list(reopened.preference_pairs())) == 1
+        reopened.create_conversation("more")
+    finally:
+        reopened.close()

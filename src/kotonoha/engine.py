@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -378,8 +378,10 @@ class Engine:
     # ---- conveniences ---------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]],
-                 params: SamplingParams | list[SamplingParams]) -> list[Completion]:
-        """Generate for every prompt (batched, continuously) and return them in order."""
+                 params: SamplingParams | list[SamplingParams],
+                 on_finish: Callable[[], None] | None = None) -> list[Completion]:
+        """Generate for every prompt (batched, continuously) and return them in order;
+        `on_finish` is called as each one finishes (a progress bar)."""
         self._require_idle("generate")
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -392,6 +394,8 @@ class Engine:
         while self.has_work():
             for ev in self.step():
                 _add_event(done[ev.request_id], ev)
+                if ev.finished and on_finish is not None:
+                    on_finish()
         return [done[rid] for rid in ids]
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:

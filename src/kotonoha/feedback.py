@@ -9,6 +9,7 @@ line, in the format of the built-in world's preference data:
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +23,11 @@ def export_preferences(db: str | Path, out: str | Path) -> Counter[str]:
 
     if not Path(db).is_file():
         raise UserError(f"Store {db} does not exist; give the --db file the server used.")
-    store = Store(db)
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a directory; give the path of the JSONL file to write.")
+    if Path(out).exists() and os.path.samefile(db, out):  # the export would replace its input
+        raise UserError(f"--out {out} is the database itself; give another file to write.")
+    store = Store(db, readonly=True)  # the export never writes to the store
     try:
         pairs = list(store.preference_pairs())
     finally:

@@ -301,9 +301,20 @@ def baselines_main(data_dir: str | Path, *, transformer: str | Path | None = Non
     lstm = lstm or LSTMSettings()
     if lstm_steps is not None:
         lstm = replace(lstm, steps=lstm_steps)
+    # Every setting is checked before the first n-gram is fitted, not after minutes of work.
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the report.")
+    least = max(ngram_orders, default=1)  # an n-gram model needs at least n tokens
+    if max_train_tokens is not None and max_train_tokens < least:
+        raise UserError(f"--max-train-tokens must be at least {least}, not {max_train_tokens}.")
+    if lstm.steps is not None and lstm.steps < 0:
+        raise UserError(f"--lstm-steps must be 0 (no LSTM) or more, not {lstm.steps}.")
     probe_cfg = probe or ProbeConfig(seed=seed)
     rows: list[dict[str, Any]] = []
     scorers: dict[str, NextLogprobs] = {}
+    tf_model, tf_info = None, {}
+    if transformer is not None:  # a bad path fails here, with the loader's own error
+        tf_model, tf_info = _load_transformer(transformer, data, device)
 
     for n in ngram_orders:
         _log(f"fitting the {n}-gram Kneser–Ney model...", progress)
@@ -314,10 +325,6 @@ def baselines_main(data_dir: str | Path, *, transformer: str | Path | None = Non
                                     max_train_tokens or math.inf))
         rows.append(res)
         scorers[res["name"]] = model.next_logprobs
-
-    tf_model, tf_info = None, {}
-    if transformer is not None:
-        tf_model, tf_info = _load_transformer(transformer, data, device)
 
     if lstm.steps != 0:
         ctx = lstm.context_length or tf_info.get("context", 128)

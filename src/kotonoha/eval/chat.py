@@ -38,6 +38,7 @@ from kotonoha.eval.world import (
     GenerateFn,
     Item,
     TaskSpec,
+    check_eval_options,
     evaluate_tasks,
     format_markdown,
     load_items,
@@ -90,7 +91,8 @@ def evaluate_chat(model: Any, tokenizer: Any, world_dir: str | Path | None = Non
                   items: Sequence[Item] | None = None, tasks: Sequence[str] = CHAT_TASKS,
                   split: str = "default", max_items: int | None = None, batch_size: int = 16,
                   reward: ScoreFn | None = None,
-                  generate: Callable[[TaskSpec], GenerateFn] | None = None) -> dict[str, Any]:
+                  generate: Callable[[TaskSpec], GenerateFn] | None = None,
+                  progress: bool = False) -> dict[str, Any]:
     """Run the chat tasks; returns {"suite", "split", "tasks", "rates", "accuracy",
     "length", "reward", "items"}.
 
@@ -107,7 +109,8 @@ def evaluate_chat(model: Any, tokenizer: Any, world_dir: str | Path | None = Non
     items = [item if "id" in item else {**item, "id": f"{item['task']}-{i}"}
              for i, item in enumerate(items)]
     tok = chat_tokenizer(tokenizer)
-    results = evaluate_tasks(model, tok, items, generate=generate, batch_size=batch_size)
+    results = evaluate_tasks(model, tok, items, generate=generate, batch_size=batch_size,
+                             progress=progress)
     by_id = {str(item["id"]): item for item in items}
     rows = [asdict(r) for r in results]
     for row in rows:
@@ -203,6 +206,7 @@ def chat_eval_main(model_spec: str | Path, world_dir: str | Path | None,
     """`kotonoha eval --suite chat`: print the table, write out/eval.json and eval.md."""
     from kotonoha.checkpoint import atomic_write_json, atomic_write_text, load_model
 
+    check_eval_options(model_spec, out=out, max_items=max_items)
     if world_dir is None:
         raise UserError("The chat suite needs the world's folder; pass --world DIR (the "
                         "output of `kotonoha data world`).")
@@ -211,7 +215,7 @@ def chat_eval_main(model_spec: str | Path, world_dir: str | Path | None,
         raise UserError(f"{model_spec} has no tokenizer; evaluation needs one.")
     scorer = reward_scorer(reward_model, device) if reward_model else None
     result = evaluate_chat(model, tokenizer, world_dir, split=split, max_items=max_items,
-                           reward=scorer)
+                           reward=scorer, progress=True)
     result["model"] = str(model_spec)
     table = format_chat_markdown(result)
     print(table, end="")

@@ -146,9 +146,10 @@ def render_chat(tokenizer: Any) -> RenderFn:
 
 
 def engine_generate(model: Any, tokenizer: Any, *, max_tokens: int, stop: Sequence[str] = (),
-                    batch_size: int = 16, chat: bool = False) -> GenerateFn:
+                    batch_size: int = 16, chat: bool = False, bar: Any = None) -> GenerateFn:
     """Greedy completions through the one `Engine` (batched rows, KV cache); `chat`: the
-    prompts are conversations, and a reply's opening whitespace is dropped."""
+    prompts are conversations, and a reply's opening whitespace is dropped. `bar` (a tqdm
+    bar) advances by one per finished reply."""
     from kotonoha.engine import Engine
     from kotonoha.sampling import SamplingParams
 
@@ -160,7 +161,8 @@ def engine_generate(model: Any, tokenizer: Any, *, max_tokens: int, stop: Sequen
     def generate(prompts: list[list[int]]) -> list[str]:
         # Keep the end of an over-long prompt: the question is at the end.
         prompts = [p[-limit:] for p in prompts]
-        return [c.text for c in engine.generate(prompts, params)]
+        tick = None if bar is None else lambda: bar.update(1)
+        return [c.text for c in engine.generate(prompts, params, on_finish=tick)]
 
     return generate
 
@@ -193,24 +195,34 @@ def summarize(results: Sequence[ItemResult]) -> dict[str, dict[str, dict[str, fl
 
 def evaluate_tasks(model: Any, tokenizer: Any, items: Sequence[Item], *,
                    generate: Callable[[TaskSpec], GenerateFn] | None = None,
-                   batch_size: int = 16) -> list[ItemResult]:
+                   batch_size: int = 16, progress: bool = False) -> list[ItemResult]:
     """Run `items` task by task, each with its renderer and generation budget.
 
     `generate(spec)` builds the completion function for a task (default: the engine).
+    `progress`: a progress bar over the items on stderr (`kotonoha eval`; the pipeline's
+    eval stays quiet).
     """
+    from tqdm import tqdm
+
     results: list[ItemResult] = []
-    for task in dict.fromkeys(item["task"] for item in items):
-        if task not in TASKS:
-            raise UserError(f"No evaluation is defined for task '{task}' yet; known: "
-                            f"{', '.join(TASKS)}.")
-        spec = TASKS[task]
-        group = [item for item in items if item["task"] == task]
-        render = (render_chat(tokenizer) if spec.chat
-                  else render_completion(tokenizer, running_text=spec.running_text))
-        gen = (generate(spec) if generate is not None else
-               engine_generate(model, tokenizer, max_tokens=spec.max_tokens, stop=spec.stop,
-                               batch_size=batch_size, chat=spec.chat))
-        results += run_items(group, render, gen)
+    with tqdm(total=len(items), unit="item", desc="eval", dynamic_ncols=True,
+              disable=not progress, file=sys.stderr) as bar:
+        for task in dict.fromkeys(item["task"] for item in items):
+            if task not in TASKS:
+                raise UserError(f"No evaluation is defined for task '{task}' yet; known: "
+                                f"{', '.join(TASKS)}.")
+            spec = TASKS[task]
+            group = [item for item in items if item["task"] == task]
+            render = (render_chat(tokenizer) if spec.chat
+                      else render_completion(tokenizer, running_text=spec.running_text))
+            gen = (generate(spec) if generate is not None else
+                   engine_generate(model, tokenizer, max_tokens=spec.max_tokens,
+                                   stop=spec.stop, batch_size=batch_size, chat=spec.chat,
+                                   bar=bar if progress else None))
+            bar.set_postfix_str(task)
+            results += run_items(group, render, gen)
+            if generate is not None:  # an injected generator ticks nothing itself
+                bar.update(len(group))
     return results
 
 
@@ -241,7 +253,8 @@ def evaluate_world(model: Any, tokenizer: Any, world_dir: str | Path, *, split: 
                    data_dir: str | Path | None = None, max_items: int | None = None,
                    batch_size: int = 16, bpb_tokens: int | None = None,
                    bpb_context: int | None = None,
-                   generate: Callable[[TaskSpec], GenerateFn] | None = None) -> dict[str, Any]:
+                   generate: Callable[[TaskSpec], GenerateFn] | None = None,
+                   progress: bool = False) -> dict[str, Any]:
     """Base-model cloze accuracy on `split` facts (per language) and val bits per byte.
 
     Returns {"suite", "split", "tasks": {task: {lang: {"correct", "total", "accuracy"}}},
@@ -260,7 +273,7 @@ def evaluate_world(model: Any, tokenizer: Any, world_dir: str | Path, *, split: 
         result["bpb"] = bits_per_byte(model, data_dir, "val", max_tokens=bpb_tokens,
                                       context_length=bpb_context)
     item_results = evaluate_tasks(model, tokenizer, items, generate=generate,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, progress=progress)
     result["tasks"] = summarize(item_results)
     result["items"] = [asdict(r) for r in item_results]
     return result
@@ -306,6 +319,23 @@ def find_world(model_spec: str | Path, data_dir: str | Path | None = None) -> Pa
     return None
 
 
+def check_eval_options(model_spec: str | Path, *, out: str | Path | None,
+                       max_items: int | None) -> None:
+    """What `kotonoha eval` can refuse before loading anything: a missing model (named as
+    such, before the world is looked up), an --out that is a file, --max-items below 1."""
+    from kotonoha.models import is_packaged
+
+    if not is_packaged(model_spec) and not Path(model_spec).expanduser().exists():
+        from kotonoha.checkpoint import load_model
+
+        load_model(model_spec)  # raises the loader's own "does not exist" error
+        raise UserError(f"Model path {model_spec} does not exist.")  # in case it did not
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for eval.json and eval.md.")
+    if max_items is not None and max_items < 1:
+        raise UserError(f"--max-items must be at least 1, not {max_items}.")
+
+
 def eval_main(model_spec: str | Path, suite: str = "world", world_dir: str | Path | None = None,
               data_dir: str | Path | None = None, out: str | Path | None = None, *,
               split: str | None = None, max_items: int | None = None,
@@ -322,6 +352,7 @@ def eval_main(model_spec: str | Path, suite: str = "world", world_dir: str | Pat
 
     if suite not in SUITES:
         raise UserError(f"Unknown eval suite '{suite}'; choose one of: {', '.join(SUITES)}.")
+    check_eval_options(model_spec, out=out, max_items=max_items)
     if world_dir is None:
         world_dir = find_world(model_spec, data_dir)
     if suite == "chat":
@@ -337,7 +368,8 @@ def eval_main(model_spec: str | Path, suite: str = "world", world_dir: str | Pat
         raise UserError(f"{model_spec} has no tokenizer; evaluation needs one.")
     result = evaluate_world(model, tokenizer, world_dir, split=split or "heldout",
                             data_dir=data_dir,
-                            max_items=max_items, bpb_context=trained_context(model_spec))
+                            max_items=max_items, bpb_context=trained_context(model_spec),
+                            progress=True)
     result["model"] = str(model_spec)
     table = format_markdown(result)
     print(table, end="")

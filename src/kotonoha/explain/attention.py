@@ -23,6 +23,8 @@ import torch
 
 from kotonoha.errors import UserError
 from kotonoha.explain.common import (
+    check_at_least_one,
+    check_out_dir,
     encode,
     find_word,
     md_table,
@@ -299,6 +301,19 @@ def pronoun_markdown(study: dict[str, Any], lang: str) -> str:
 # The command
 
 
+def check_attention_options(*, stories: int, top: int,
+                            pronoun_langs: list[str] | None) -> None:
+    """--stories, --top and --pronouns, checked before the model runs."""
+    from kotonoha.data.world import PRONOUNS
+
+    check_at_least_one(stories, "--stories")
+    check_at_least_one(top, "--top")
+    for lang in pronoun_langs or []:
+        if lang not in PRONOUNS:
+            raise UserError(f"No pronoun stories in '{lang}'; choose one of: "
+                            f"{', '.join(PRONOUNS)}.")
+
+
 def attention_report(model: Transformer, tokenizer: Tokenizer, out: str | Path, *,
                      prompt: str | None = None, layers: list[int] | None = None,
                      target: str = "-1", source: str | None = None,
@@ -306,11 +321,16 @@ def attention_report(model: Transformer, tokenizer: Tokenizer, out: str | Path, 
                      query: str = "pronoun", seed: int = 0, add_bos: bool = True, top: int = 10,
                      model_name: str = "model") -> dict[str, Any]:
     """Everything `kotonoha explain attention` writes into `out`: attention_layerNN.png,
-    attention_maps.json (the weights, for the UI), pronouns_LANG.png, attention.md/json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    attention_maps.json (the weights, for the UI), pronouns_LANG.png, attention.md/json.
+
+    Everything is computed (and so every input checked) before the first file is written: a
+    bad --target or pronoun language leaves no half-written folder."""
+    out = check_out_dir(out)
+    check_attention_options(stories=stories, top=top, pronoun_langs=pronoun_langs)
     md = [f"# Attention in {model_name}\n"]
     data: dict[str, Any] = {"model": model_name}
+    maps: AttentionMaps | None = None
+    chosen: list[int] = []
     if prompt is not None:
         maps = attention_maps(model, tokenizer, prompt, add_bos)
         n_layer = maps.weights.shape[0]
@@ -318,14 +338,9 @@ def attention_report(model: Transformer, tokenizer: Tokenizer, out: str | Path, 
         bad = [x for x in chosen if not 0 <= x < n_layer]
         if bad:
             raise UserError(f"Layer {bad[0]} does not exist; the model has layers 0..{n_layer - 1}.")
-        from kotonoha.checkpoint import atomic_write_json
-
-        atomic_write_json(out / "attention_maps.json", maps_to_json(maps))
         md.append(f"Prompt: {prompt!r} ({len(maps.ids)} tokens). Maps: "
                   + ", ".join(f"[layer {x}](attention_layer{x:02d}.png)" for x in chosen)
                   + "; all weights in attention_maps.json.\n")
-        for x in chosen:
-            plot_attention(maps, x, out / f"attention_layer{x:02d}.png")
         if source is not None:
             found = find_heads(model, tokenizer, prompt, target=target, source=source,
                                add_bos=add_bos, top=top)
@@ -339,12 +354,21 @@ def attention_report(model: Transformer, tokenizer: Tokenizer, out: str | Path, 
                                   for h in found["heads"]])
                       + f"\nBaselines: mean head {b['mean_head']:.3f}, uniform attention "
                         f"{b['uniform']:.3f}.\n")
+    studies: dict[str, dict[str, Any]] = {}
     for lang in pronoun_langs or []:
         study = pronoun_study(model, tokenizer, pronoun_stories(lang, stories, seed),
                               query=query, add_bos=add_bos, top=top)
-        data[f"pronouns_{lang}"] = study
+        studies[lang] = data[f"pronouns_{lang}"] = study
+        md.append("\n" + pronoun_markdown(study, lang) + f"\n![heads](pronouns_{lang}.png)\n")
+
+    if maps is not None:
+        from kotonoha.checkpoint import atomic_write_json
+
+        atomic_write_json(out / "attention_maps.json", maps_to_json(maps))
+        for x in chosen:
+            plot_attention(maps, x, out / f"attention_layer{x:02d}.png")
+    for lang, study in studies.items():
         plot_pronoun_study(study, out / f"pronouns_{lang}.png",
                            f"{model_name}: attention from the pronoun ({lang})")
-        md.append("\n" + pronoun_markdown(study, lang) + f"\n![heads](pronouns_{lang}.png)\n")
     write_summary(out, "attention", "\n".join(md), data)
     return data

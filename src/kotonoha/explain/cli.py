@@ -92,11 +92,14 @@ def _user_sentences(args: argparse.Namespace) -> list[Any]:
 
 
 def embeddings_main(args: argparse.Namespace) -> None:
-    from kotonoha.explain.embeddings import embeddings_report
+    from kotonoha.explain.common import check_out_dir
+    from kotonoha.explain.embeddings import check_embeddings_options, embeddings_report
 
     sentences = _user_sentences(args)
     words = args.word or DEFAULT_WORDS
     ambiguous = args.ambiguous or ([] if sentences else DEFAULT_AMBIGUOUS)
+    check_out_dir(args.out)  # before the model loads, not after all the work
+    check_embeddings_options(k=args.k, per_template=args.per_template, ambiguous=ambiguous)
     model, tok = _load(args)
     embeddings_report(model, tok, args.out, words=words, k=args.k, ambiguous=ambiguous,
                       sentences=sentences, world=args.world, seed=args.seed,
@@ -127,7 +130,15 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def attention_main(args: argparse.Namespace) -> None:
-    from kotonoha.explain.attention import attention_report, pronoun_stories
+    from kotonoha.explain.attention import (
+        attention_report,
+        check_attention_options,
+        pronoun_stories,
+    )
+    from kotonoha.explain.common import check_out_dir
+
+    check_out_dir(args.out)  # before the model loads, not after all the work
+    check_attention_options(stories=args.stories, top=args.top, pronoun_langs=args.pronouns)
 
     layers = None
     if args.layers:
@@ -162,8 +173,11 @@ def add_lens_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def lens_main(args: argparse.Namespace) -> None:
-    from kotonoha.explain.lens import lens_report
+    from kotonoha.explain.common import check_out_dir
+    from kotonoha.explain.lens import check_lens_options, lens_report
 
+    check_out_dir(args.out)  # before the model loads, not after all the work
+    check_lens_options(args.k, args.answer)
     model, tok = _load(args)
     lens_report(model, tok, args.out, prompt=args.prompt, answer=args.answer, world=args.world,
                 lang=args.lang, seed=args.seed, k=args.k, add_bos=not args.no_bos,

@@ -233,6 +233,22 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_out_dir(out: str | Path) -> Path:
+    """Refuse an output folder that is an existing file before any work: the writes at the
+    end would fail on it after minutes of computing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the figures and summary.")
+    return out
+
+
+def check_at_least_one(value: int, option: str) -> None:
+    """Counts of things to show or generate: zero or a negative number means nothing sensible
+    (a negative slice bound would silently drop items from the end instead)."""
+    if value < 1:
+        raise UserError(f"{option} must be at least 1, not {value}.")
+
+
 def write_summary(out: str | Path, name: str, markdown: str, data: dict[str, Any]) -> Path:
     """`out/NAME.md` and `out/NAME.json` (atomically); returns the markdown's path."""
     out = Path(out)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from kotonoha.errors import UserError
 from kotonoha.explain.common import (
+    check_at_least_one,
+    check_out_dir,
     encode,
     find_word,
     md_table,
@@ -151,6 +153,18 @@ class SenseExample:
     template: str = ""  # sentences from one template share their context words
 
 
+def ambiguous_word_lang(word: str, lang: str | None = None) -> str:
+    """The language whose ambiguous words include `word`; UserError when none does."""
+    from kotonoha.data.world import AMBIGUOUS
+
+    langs = [lang] if lang else [lg for lg in AMBIGUOUS if word in AMBIGUOUS[lg]]
+    if not langs or word not in AMBIGUOUS.get(langs[0], {}):
+        known = ", ".join(w for lg in AMBIGUOUS for w in AMBIGUOUS[lg])
+        raise UserError(f"'{word}' is not one of the world's ambiguous words ({known}); give "
+                        "your own sentences with --sentence SENSE=TEXT.")
+    return langs[0]
+
+
 def sense_examples(word: str, *, lang: str | None = None, per_template: int = 3, seed: int = 0,
                    world: str | Path | None = None) -> list[SenseExample]:
     """Sentences using `word` in each of its senses, from the world's own ambiguous-word
@@ -158,12 +172,7 @@ def sense_examples(word: str, *, lang: str | None = None, per_template: int = 3,
     world of `seed`). Up to `per_template` distinct sentences per template."""
     from kotonoha.data.world import AMBIGUOUS, POOL_F, POOL_M
 
-    langs = [lang] if lang else [lg for lg in AMBIGUOUS if word in AMBIGUOUS[lg]]
-    if not langs or word not in AMBIGUOUS.get(langs[0], {}):
-        known = ", ".join(w for lg in AMBIGUOUS for w in AMBIGUOUS[lg])
-        raise UserError(f"'{word}' is not one of the world's ambiguous words ({known}); give "
-                        "your own sentences with --sentence SENSE=TEXT.")
-    lg = langs[0]
+    lg = ambiguous_word_lang(word, lang)
     li = 0 if lg == "en" else 1
     countries = _world_countries(world, seed)
     rng = random.Random(f"kotonoha-explain/{seed}/{word}")
@@ -308,18 +317,31 @@ def contextual_markdown(res: dict[str, Any]) -> str:
 # The command
 
 
+def check_embeddings_options(*, k: int, per_template: int,
+                             ambiguous: list[str] | None) -> None:
+    """-k, --per-template and --ambiguous, checked before the model runs."""
+    check_at_least_one(k, "-k")
+    check_at_least_one(per_template, "--per-template")
+    for w in ambiguous or []:
+        ambiguous_word_lang(w)
+
+
 def embeddings_report(model: Transformer, tokenizer: Tokenizer, out: str | Path, *,
                       words: list[str], k: int = 10, ambiguous: list[str] | None = None,
                       sentences: list[SenseExample] | None = None, world: str | Path | None = None,
                       seed: int = 0, per_template: int = 3, add_bos: bool = True,
                       model_name: str = "model") -> dict[str, Any]:
     """Everything `kotonoha explain embeddings` writes into `out`: neighbours.md/json,
-    pca.png, contextual.png and embeddings.md/json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    pca.png, contextual.png and embeddings.md/json.
+
+    Everything is computed (and so every input checked) before the first file is written: an
+    unknown --ambiguous word leaves no half-written folder."""
+    out = check_out_dir(out)
+    check_embeddings_options(k=k, per_template=per_template, ambiguous=ambiguous)
     md = [f"# Embeddings of {model_name}\n"]
     data: dict[str, Any] = {"model": model_name}
 
+    pca: tuple[torch.Tensor, list[float]] | None = None
     if words:
         neighbours = [nearest_neighbours(model, tokenizer, w, k) for w in words]
         data["neighbours"] = neighbours
@@ -332,8 +354,7 @@ def embeddings_report(model: Transformer, tokenizer: Tokenizer, out: str | Path,
                       + ", ".join(f"{quote(n['token'])} {n['cosine']:.3f}" for n in nb["neighbours"])
                       + "\n")
         if len(words) >= 2:
-            coords, explained = pca_2d(word_vectors(model, tokenizer, words))
-            plot_pca(words, coords, explained, out / "pca.png", f"{model_name}: input embeddings")
+            pca = coords, explained = pca_2d(word_vectors(model, tokenizer, words))
             data["pca"] = {"words": words, "coords": coords.tolist(), "explained": explained}
             md.append(f"\n![PCA of the words](pca.png)\n\nPC1 and PC2 explain "
                       f"{explained[0]:.0%} and {explained[1]:.0%} of these words' variance.\n")
@@ -347,11 +368,15 @@ def embeddings_report(model: Transformer, tokenizer: Tokenizer, out: str | Path,
         results.append(contextual_similarity(model, tokenizer, sentences, add_bos))
     if results:
         data["contextual"] = results
-        plot_contextual(results, out / "contextual.png")
         md.append("\n## Contextual meaning: the word's hidden state at every layer\n")
         md.append("Cosine similarity of the ambiguous word's last token between sentences, "
                   "per layer (layer 0 is the embedding, identical for every occurrence).\n\n"
                   "![contextual similarity](contextual.png)\n")
         md += [contextual_markdown(r) for r in results]
+
+    if pca is not None:
+        plot_pca(words, *pca, out / "pca.png", f"{model_name}: input embeddings")
+    if results:
+        plot_contextual(results, out / "contextual.png")
     write_summary(out, "embeddings", "\n".join(md), data)
     return data

@@ -22,6 +22,8 @@ import torch
 
 from kotonoha.errors import UserError
 from kotonoha.explain.common import (
+    check_at_least_one,
+    check_out_dir,
     encode,
     md_table,
     plot_style,
@@ -51,15 +53,26 @@ def continuation_ids(tokenizer: Tokenizer, prompt: str, answer: str) -> list[int
     return tokenizer.encode(answer)  # the answer merged with the prompt's last token
 
 
+def check_lens_options(k: int, answer: str | None) -> None:
+    """-k and --answer, checked before the model runs."""
+    check_at_least_one(k, "-k")
+    if answer == "":  # "" would follow no token, yet the report would look for its column
+        raise UserError("--answer is empty; give the answer whose probability to follow, or "
+                        "leave --answer out.")
+
+
 @torch.no_grad()
 def logit_lens(model: Transformer, tokenizer: Tokenizer, prompt: str, answer: str | None = None,
                *, k: int = 5, add_bos: bool = True) -> dict[str, Any]:
     """Per layer (0 = embeddings): the top-k next tokens with probabilities and, with an
-    answer, its first token's probability and rank (1 = the most likely)."""
+    answer, its first token's probability and rank (1 = the most likely). A `k` above the
+    vocabulary lists the whole vocabulary."""
+    check_lens_options(k, answer)
     ids = encode(tokenizer, prompt, add_bos)
     stream, out = residual_stream(model, ids)
     logits = model.logits_from_hidden(stream[:, -1]).float()  # (layers, vocab)
     probs = logits.softmax(-1)
+    k = min(k, probs.shape[-1])
     target = continuation_ids(tokenizer, prompt, answer)[0] if answer else None
     layers = []
     for layer, p in enumerate(probs):
@@ -160,6 +173,8 @@ def lens_report(model: Transformer, tokenizer: Tokenizer, out: str | Path, *,
                 add_bos: bool = True, model_name: str = "model") -> dict[str, Any]:
     """`kotonoha explain lens`: lens.png and lens.md/json in `out`. Without a prompt, the
     analogy prompt (the world's when `world` is given or `lang` is Japanese)."""
+    out = check_out_dir(out)
+    check_lens_options(k, answer)
     if prompt is None:
         prompt, default_answer = (GENERIC_ANALOGY if world is None and lang == "en"
                                   else analogy_prompt(world, lang, seed))
@@ -168,7 +183,6 @@ def lens_report(model: Transformer, tokenizer: Tokenizer, out: str | Path, *,
         raise UserError("The prompt is empty; give the text whose next token to look at.")
     result = logit_lens(model, tokenizer, prompt, answer, k=k, add_bos=add_bos)
     result["model"] = model_name
-    out = Path(out)
     plot_lens(result, out / "lens.png", f"{model_name}: logit lens")
     md = f"# Logit lens on {model_name}\n\n![lens](lens.png)\n\n{lens_markdown(result)}"
     write_summary(out, "lens", md, result)

@@ -512,6 +512,9 @@ def run_scaling(cfg: ScalingConfig, progress: bool = True) -> dict[str, Any] | N
     sizes = _check_sizes(cfg)
     if cfg.tokens <= 0:
         raise UserError("tokens must be a positive token budget.")
+    if cfg.eval_items < 1:  # checked now, not after every size has trained
+        raise UserError(f"eval_items must be at least 1 (items per task and language), not "
+                        f"{cfg.eval_items}.")
     cfg.train.progress = cfg.train.progress and progress
     if cfg.threads is not None:
         # On a busy machine one thread per process beats several that fight for the cores.

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS votes (
 """
 
 WINNERS = ("a", "b", "tie", "both_bad")
+TABLES = ("conversations", "messages", "feedback", "battles", "votes")
 _JAPANESE = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]")
 
 
@@ -101,23 +102,38 @@ class Store:
     """One SQLite connection shared by the server's threads, serialised by a lock (SQLite
     allows one writer at a time anyway; each call is a short transaction)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        """`readonly` (the export): open an existing store without writing to it, not even
+        the schema or the WAL switch, and refuse a database that is not a kotonoha store."""
         self.path = Path(path)
-        if str(path) != ":memory:":
+        if str(path) != ":memory:" and not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False,
-                                       isolation_level=None, timeout=30)
+            if readonly:  # mode=ro: SQLite itself refuses every write on this connection
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                           check_same_thread=False, isolation_level=None,
+                                           timeout=30)
+            else:
+                self._db = sqlite3.connect(str(path), check_same_thread=False,
+                                           isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise UserError(f"{path} was written by a newer kotonoha (store schema "
                                 f"{version}); upgrade kotonoha to open it.")
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if readonly:
+                tables = {r[0] for r in self._db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not set(TABLES) <= tables:
+                    self._db.close()
+                    raise UserError(f"{path} is not a kotonoha feedback database.")
+            else:
+                self._db.executescript(SCHEMA)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             raise UserError(f"{path} is not a usable SQLite database ({e}); point --db at "
                             "another file.") from None
