@@ -96,24 +96,25 @@ def test_parquet_and_corrupt_parquet(tmp_path: Path) -> None:
         list(sources.iter_documents(str(tmp_path / "bad.parquet")))
 
 
+def _save_arrow_dataset(d: Path, texts: list[str]) -> None:
+    """A `Dataset.save_to_disk` folder: one Arrow stream file, its state.json and info."""
+    pa = pytest.importorskip("pyarrow")
+    d.mkdir(parents=True)
+    table = pa.table({"text": texts})
+    with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, \
+            pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    (d / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": None}))
+    (d / "dataset_info.json").write_text("{}")
+
+
 def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
     """The layout `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write (Arrow streams)."""
-    pa = pytest.importorskip("pyarrow")
-
-    def save(d: Path, texts: list[str]) -> None:
-        d.mkdir(parents=True)
-        table = pa.table({"text": texts})
-        with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, \
-                pa.ipc.new_stream(f, table.schema) as w:
-            w.write_table(table)
-        (d / "state.json").write_text(json.dumps(
-            {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": None}))
-        (d / "dataset_info.json").write_text("{}")
-
-    save(tmp_path / "ds", ["h1", "h2"])
+    _save_arrow_dataset(tmp_path / "ds", ["h1", "h2"])
     assert list(sources.iter_documents(str(tmp_path / "ds"))) == ["h1", "h2"]
-    save(tmp_path / "dd" / "train", ["t1"])
-    save(tmp_path / "dd" / "test", ["x1"])
+    _save_arrow_dataset(tmp_path / "dd" / "train", ["t1"])
+    _save_arrow_dataset(tmp_path / "dd" / "test", ["x1"])
     (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
     assert list(sources.iter_documents(str(tmp_path / "dd"))) == ["t1"]
 
@@ -255,17 +256,6 @@ def test_too_little_data_for_the_context(data_dir: Path) -> None:
 
 # --- regressions ----------------------------------------------------------------------------
 
-
-def _save_arrow_dataset(d: Path, texts: list[str]) -> None:
-    """A `Dataset.save_to_disk` folder: one Arrow stream file and its state.json."""
-    pa = pytest.importorskip("pyarrow")
-    d.mkdir(parents=True)
-    table = pa.table({"text": texts})
-    with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, \
-            pa.ipc.new_stream(f, table.schema) as w:
-        w.write_table(table)
-    (d / "state.json").write_text(json.dumps(
-        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
 
 
 def test_dataset_dict_inside_a_folder_reads_only_its_train_split(tmp_path: Path) -> None:

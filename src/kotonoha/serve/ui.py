@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
 from kotonoha.serve.api import (
     chat_prompt,
@@ -27,7 +27,7 @@ from kotonoha.serve.api import (
     workers,
 )
 from kotonoha.serve.arena import leaderboard
-from kotonoha.serve.openai import APIError, SamplingFields, unencodable_text
+from kotonoha.serve.openai import APIError, SamplingFields, _Request
 from kotonoha.serve.store import Store
 from kotonoha.serve.stream import EventStream, sse
 from kotonoha.serve.worker import Group, ModelWorker
@@ -37,15 +37,9 @@ router = APIRouter(prefix="/ui/api")
 DEFAULT_MAX_TOKENS = 256
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        if bad := unencodable_text(data):
-            raise ValueError(f"'{bad}' is not valid Unicode text (it has a lone surrogate)")
-        return data
+class _Body(_Request):
+    """The UI's request bodies, checked as the API's are (unknown fields are ignored, text
+    must be valid Unicode)."""
 
 
 class ChatParams(SamplingFields):
