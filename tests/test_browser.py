@@ -104,6 +104,10 @@ def test_chat_streams_regenerates_rates_and_edits(page: Any, server: Any,
     assert page.inner_text(".msg.user .content") == "What is the capital of Aurel?"
     assert page.locator("#conversation-list li").count() == 1
 
+    # Another seed: the same one would regenerate the same answer, which makes no pair.
+    page.click("#chat-settings-toggle")
+    page.fill("#chat-seed", "8")
+    page.click("#chat-settings-toggle")
     page.click(".msg.assistant .regenerate")
     page.wait_for_selector(".msg.assistant .position:text('2 / 2')")
     page.click(".msg.assistant .thumb-up")
@@ -246,3 +250,67 @@ def test_language_switch(page: Any) -> None:
     shot(page, "chat-ja.png")
     page.select_option("#lang", "en")
     assert page.inner_text("#tab-playground") == "Playground"
+
+
+def test_a_rejected_turn_gives_the_typed_text_back(page: Any) -> None:
+    long = "Hello " * 400  # over the tiny models' context: the server answers 400
+    page.fill("#chat-input", long)
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector("#error-bar:not(.hidden)")
+    assert page.input_value("#chat-input") == long
+    assert page.locator(".msg[data-id]").count() == 0
+
+
+def test_new_chat_while_an_answer_streams(page: Any) -> None:
+    """The old answer used to land in the new chat, and the next message was refused."""
+    page.click("#chat-settings-toggle")
+    page.fill("#chat-max-tokens", "200")
+    page.click("#chat-settings-toggle")
+    page.fill("#chat-input", "Tell me a long story.")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector(".msg.streaming, .msg.assistant[data-id]")
+    page.click("#new-chat")
+    page.wait_for_selector("#chat-input:not([disabled])")
+    page.wait_for_function("!document.querySelector('.msg.streaming')")
+    page.fill("#chat-input", "Hello?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg[data-id]').length == 2"
+        " && document.querySelector('.msg.user .content').textContent == 'Hello?'")
+    assert page.is_hidden("#error-bar")
+
+
+def test_playground_strikes_through_the_stop_sequence(page: Any) -> None:
+    page.click("#tab-playground")
+    page.fill("#pg-prompt", "The river")
+    page.fill("#pg-max-tokens", "12")
+    page.fill("#pg-temperature", "0")
+    page.click("#pg-run")
+    page.wait_for_selector("#pg-status:text('finish reason')")
+    pieces = page.locator("#pg-output .tok[data-index]").evaluate_all(
+        "els => els.map(e => e.textContent)")
+    # A later token whose text is new: the API cuts the text where it first appears.
+    k = next(i for i in range(3, len(pieces))
+             if pieces[i].strip() and pieces[i] not in "".join(pieces[:i]) + "The river")
+    page.fill("#pg-stops", pieces[k])
+    page.click("#pg-run")
+    page.wait_for_selector("#pg-status:text('finish reason: stop')")
+    stopped = page.locator("#pg-output .tok.stopped")
+    assert stopped.count() == 1 and stopped.first.text_content() == pieces[k]
+    assert page.locator("#pg-output .tok[data-index]").count() == k + 1
+
+
+def test_playground_joins_a_character_split_across_tokens(page: Any) -> None:
+    """A token can hold a whole character and the start of the next ("ま" + e3 81): it waits
+    for the rest, and bytes still pending at the end are shown, not dropped."""
+    texts = page.evaluate("""() => {
+      pg.tokens = []; pg.offsets = []; pg.pendingBytes = []; pg.pendingInfo = [];
+      const out = document.querySelector('#pg-output');
+      out.replaceChildren();
+      addToken('bytes:\\\\xe3\\\\x81\\\\xbe\\\\xe3\\\\x81', -0.1, [], false, 0);
+      addToken('bytes:\\\\xbe', -0.1, [], false, 1);
+      addToken('bytes:\\\\xe3', -0.1, [], false, 2);
+      flushTokens(false);
+      return [...out.children].map((e) => e.textContent);
+    }""")
+    assert texts == ["まま", "\ufffd"]

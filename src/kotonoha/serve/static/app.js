@@ -35,7 +35,8 @@ const MESSAGES = {
     "pg.prompt": "Prompt", "pg.prompt_ph": "Type the beginning of a text…", "pg.run": "Generate",
     "pg.legend": "Token probability:", "pg.hint": "Hover or click a token for its alternatives.",
     "pg.echo": "Also score the prompt", "pg.token": "Token", "pg.prob": "Probability",
-    "pg.done": "{n} tokens, finish reason: {reason}", "pg.bad_bias": "Logit bias must be a JSON object.",
+    "pg.done": "{n} tokens, finish reason: {reason}",
+    "pg.stopped": "the stop sequence: sampled, but not part of the text", "pg.bad_bias": "Logit bias must be a JSON object.",
     "arena.intro": "Two anonymous models answer the same prompt. Vote for the better answer; their names are revealed after you vote.",
     "arena.prompt_ph": "Ask both models something…", "arena.model_a": "Model A",
     "arena.model_b": "Model B", "arena.a_better": "A is better", "arena.b_better": "B is better",
@@ -75,7 +76,8 @@ const MESSAGES = {
     "pg.prompt": "プロンプト", "pg.prompt_ph": "文章の書き出しを入力…", "pg.run": "生成",
     "pg.legend": "トークンの確率：", "pg.hint": "トークンにカーソルを合わせるかクリックすると候補が表示されます。",
     "pg.echo": "プロンプトの確率も表示", "pg.token": "トークン", "pg.prob": "確率",
-    "pg.done": "{n}トークン、終了理由：{reason}", "pg.bad_bias": "ロジットバイアスはJSONオブジェクトで指定してください。",
+    "pg.done": "{n}トークン、終了理由：{reason}",
+    "pg.stopped": "停止シーケンス：生成されたが、テキストには含まれない", "pg.bad_bias": "ロジットバイアスはJSONオブジェクトで指定してください。",
     "arena.intro": "匿名の2つのモデルが同じプロンプトに答えます。良い方に投票すると、モデル名が明かされます。",
     "arena.prompt_ph": "両方のモデルに質問してみましょう…", "arena.model_a": "モデルA",
     "arena.model_b": "モデルB", "arena.a_better": "Aが良い", "arena.b_better": "Bが良い",
@@ -184,8 +186,17 @@ async function api(path, { method = "GET", body } = {}) {
     method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (response.status === 401) askForKey();
-  if (!response.ok) throw new Error(await errorMessage(response));
+  if (!response.ok) {
+    const error = new Error(await errorMessage(response));
+    error.status = response.status;
+    throw error;
+  }
   return response.json();
+}
+
+// An event handler that shows its failure instead of dropping it (a 404, the network).
+function shown(handler) {
+  return (...args) => handler(...args).catch((e) => showError(e.message));
 }
 
 // POST `body` and yield each JSON object of the server-sent-events reply.
@@ -281,15 +292,16 @@ function renderConversationList() {
   const list = $("#conversation-list");
   list.replaceChildren(...chat.conversations.map((c) => el("li",
     { class: chat.conversation?.id === c.id ? "active" : "", "data-id": c.id },
-    el("button", { class: "open", title: c.title, onclick: () => openConversation(c.id) },
+    el("button", { class: "open", title: c.title, onclick: shown(() => openConversation(c.id)) },
       c.title || t("chat.untitled")),
     el("button", {
       class: "delete", title: t("chat.delete"), "aria-label": t("chat.delete"),
-      onclick: () => deleteConversation(c.id),
+      onclick: shown(() => deleteConversation(c.id)),
     }, "×"))));
 }
 
 async function openConversation(id) {
+  chat.controller?.abort();  // an answer still streaming belongs to the conversation we leave
   const { conversation, messages } = await api(`/ui/api/conversations/${id}`);
   chat.conversation = conversation;
   chat.messages = new Map(messages.map((m) => [m.id, m]));
@@ -304,6 +316,7 @@ async function openConversation(id) {
 }
 
 function newConversation() {
+  chat.controller?.abort();
   chat.conversation = null;
   chat.messages = new Map();
   chat.leaf = null;
@@ -345,8 +358,13 @@ async function switchTo(message) {
   }
   chat.leaf = leaf.id;
   renderChat();
-  await api(`/ui/api/conversations/${chat.conversation.id}`,
-    { method: "PATCH", body: { current_leaf: leaf.id } });
+  try {
+    await api(`/ui/api/conversations/${chat.conversation.id}`,
+      { method: "PATCH", body: { current_leaf: leaf.id } });
+  } catch (e) {
+    await openConversation(chat.conversation.id);  // back to what the server has
+    throw e;
+  }
 }
 
 function renderMessage(m) {
@@ -357,9 +375,9 @@ function renderMessage(m) {
   if (siblings.length > 1) {
     const i = siblings.findIndex((s) => s.id === m.id);
     role.append(el("span", { class: "siblings" },
-      el("button", { class: "ghost prev", disabled: i === 0, onclick: () => switchTo(siblings[i - 1]) }, "‹"),
+      el("button", { class: "ghost prev", disabled: i === 0, onclick: shown(() => switchTo(siblings[i - 1])) }, "‹"),
       el("span", { class: "position" }, `${i + 1} / ${siblings.length}`),
-      el("button", { class: "ghost next", disabled: i === siblings.length - 1, onclick: () => switchTo(siblings[i + 1]) }, "›")));
+      el("button", { class: "ghost next", disabled: i === siblings.length - 1, onclick: shown(() => switchTo(siblings[i + 1])) }, "›")));
   }
   node.append(role);
 
@@ -439,11 +457,13 @@ async function sendChat({ content, parentId = null, regenerate = false }) {
   chat.controller = new AbortController();
   if (regenerate) chat.leaf = parentId;  // show the question while its new answer streams
   renderChat();
+  let saved = false;  // the server stored the question (a rejected turn stores nothing)
   try {
     for await (const ev of stream("/ui/api/chat", body, chat.controller.signal)) {
       if (ev.type === "conversation") {
         chat.conversation = ev.conversation;
       } else if (ev.type === "user") {
+        saved = true;
         chat.messages.set(ev.message.id, ev.message);
         chat.leaf = ev.message.id;
         renderChat();
@@ -459,20 +479,26 @@ async function sendChat({ content, parentId = null, regenerate = false }) {
     }
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
+    if (!saved && content && !$("#chat-input").value) $("#chat-input").value = content;
   } finally {
-    const stopped = chat.controller.signal.aborted;
+    const controller = chat.controller;
+    const stopped = controller?.signal.aborted;
     chat.streaming = null;
-    chat.controller = null;
+    if (chat.controller === controller) chat.controller = null;
     if (stopped) await new Promise((r) => setTimeout(r, 300));  // the server saves the partial answer
-    if (chat.conversation) await openConversation(chat.conversation.id);
-    else renderChat();
-    await loadConversations();
+    try {
+      if (chat.conversation) await openConversation(chat.conversation.id);
+      else renderChat();
+      await loadConversations();
+    } catch (e) { showError(e.message); }
   }
 }
 
 // ---------------------------------------------------------------- playground
 
-const pg = { controller: null, tokens: [], pinned: null, pendingBytes: [], pendingInfo: [] };
+const pg = {
+  controller: null, tokens: [], offsets: [], pinned: null, pendingBytes: [], pendingInfo: [],
+};
 
 function probColor(p) {
   return `hsl(${Math.round(120 * p)}, 75%, 82%)`;
@@ -486,25 +512,37 @@ function tokenBytes(token) {
   return [...new TextEncoder().encode(token)];
 }
 
-const strictDecoder = new TextDecoder("utf-8", { fatal: true });
+// Whether `bytes` ends inside a UTF-8 character: a lead byte still missing continuation bytes.
+function endsInsideCharacter(bytes) {
+  for (let k = 1; k <= Math.min(4, bytes.length); k++) {
+    const b = bytes[bytes.length - k];
+    if ((b & 0xc0) === 0x80) continue;  // a continuation byte: the lead is further back
+    const length = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
+    return length > k;
+  }
+  return false;
+}
 
-// Add one token to the output. A token that is only part of a UTF-8 character is held back
-// and shown together with the token that completes it (both sets of alternatives on hover).
-function addToken(token, logprob, top, isPrompt) {
+// Add one token to the output. A token that ends inside a UTF-8 character is held back and
+// shown together with the token that completes it (both sets of alternatives on hover).
+// `offset`: where the token starts in the choice's text (the API's text_offset).
+function addToken(token, logprob, top, isPrompt, offset) {
+  if (!pg.pendingInfo.length) pg.pendingOffset = offset;
   pg.pendingBytes.push(...tokenBytes(token));
   pg.pendingInfo.push({ token, logprob, top });
-  let text;
-  try {
-    text = strictDecoder.decode(new Uint8Array(pg.pendingBytes));
-  } catch {
-    if (pg.pendingBytes.length < 4) return;  // wait for the rest of the character
-    text = new TextDecoder().decode(new Uint8Array(pg.pendingBytes));  // never completes: show U+FFFD
-  }
+  if (!endsInsideCharacter(pg.pendingBytes)) flushTokens(isPrompt);
+}
+
+// Show the held-back tokens (at the end of a stream, even an incomplete character: U+FFFD).
+function flushTokens(isPrompt) {
+  if (!pg.pendingInfo.length) return;
+  const text = new TextDecoder().decode(new Uint8Array(pg.pendingBytes));
   const infos = pg.pendingInfo;
   pg.pendingBytes = [];
   pg.pendingInfo = [];
   const index = pg.tokens.length;
   pg.tokens.push(infos);
+  pg.offsets.push(pg.pendingOffset);
   const scored = infos.filter((i) => i.logprob !== null && i.logprob !== undefined);
   const span = el("span", { class: "tok", "data-index": index, "data-prompt": isPrompt ? "1" : null }, text);
   if (scored.length) {
@@ -575,7 +613,7 @@ async function runPlayground() {
   const out = $("#pg-output");
   out.replaceChildren();
   if (!echo) out.append(el("span", { class: "tok prompt-plain" }, body.prompt));
-  pg.tokens = []; pg.pendingBytes = []; pg.pendingInfo = []; pg.pinned = null;
+  pg.tokens = []; pg.offsets = []; pg.pendingBytes = []; pg.pendingInfo = []; pg.pinned = null;
   $("#pg-details").classList.add("hidden");
   pg.controller = new AbortController();
   $("#pg-run").classList.add("hidden");
@@ -584,14 +622,18 @@ async function runPlayground() {
   let finish = null;
   let usage = null;
   let promptPart = echo;  // with echo, the first chunk is the scored prompt
+  let released = 0;  // characters of text the API sent (a matched stop string is not text)
   try {
     for await (const chunk of stream("/v1/completions", body, pg.controller.signal)) {
       if (chunk.usage) usage = chunk.usage;
       for (const choice of chunk.choices) {
         const lp = choice.logprobs;
         if (lp) {
-          lp.tokens.forEach((tok, i) => addToken(tok, lp.token_logprobs[i], lp.top_logprobs[i], promptPart));
+          lp.tokens.forEach((tok, i) => addToken(
+            tok, lp.token_logprobs[i], lp.top_logprobs[i], promptPart, lp.text_offset[i]));
         }
+        if (promptPart) flushTokens(true);
+        released += [...choice.text].length;  // code points, as the server counts them
         promptPart = false;
         if (choice.finish_reason) finish = choice.finish_reason;
       }
@@ -599,6 +641,14 @@ async function runPlayground() {
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
   } finally {
+    flushTokens(false);
+    // Tokens that start past the released text carried the stop string: shown struck through.
+    $("#pg-output").querySelectorAll(".tok[data-index]").forEach((span) => {
+      if (finish === "stop" && pg.offsets[Number(span.dataset.index)] >= released) {
+        span.classList.add("stopped");
+        span.title = t("pg.stopped");
+      }
+    });
     pg.controller = null;
     $("#pg-run").classList.remove("hidden");
     $("#pg-stop").classList.add("hidden");
@@ -687,7 +737,10 @@ async function vote(winner) {
     renderArenaResult();
     arena.battle = null;
     await loadLeaderboard();
-  } catch (e) { showError(e.message); }
+  } catch (e) {
+    showError(e.message);
+    if (arena.battle && e.status !== 409) setVoting(true);  // 409: already voted
+  }
 }
 
 async function loadLeaderboard() {
@@ -794,7 +847,8 @@ function setup() {
     sendChat({ content: text, parentId: chat.leaf });
   });
   $("#chat-input").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {  // isComposing: Japanese IME
+    // isComposing: Japanese IME; keyCode 229: Safari's Enter that confirms a conversion.
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
       e.preventDefault();
       $("#composer").requestSubmit();
     }
