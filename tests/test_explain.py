@@ -376,3 +376,16 @@ def test_scaling_refuses_eval_items_below_one_before_training(tmp_path: Path) ->
         with pytest.raises(UserError, match="eval_items must be at least 1"):
             run_scaling(cfg, progress=False)
     assert not any(tmp_path.iterdir())  # no corpus, no run
+
+
+def test_scaling_refuses_one_size_and_a_bad_split_before_training(tmp_path: Path) -> None:
+    one = load_config(ScalingConfig, CONFIGS / "scaling-micro.yaml",
+                      [f"out={tmp_path}", "train.progress=false"])
+    one.sizes = one.sizes[:1]  # a power law needs two points: it used to fail after training
+    with pytest.raises(UserError, match="at least two sizes"):
+        run_scaling(one, progress=False)
+    bad = load_config(ScalingConfig, CONFIGS / "scaling-micro.yaml",
+                      [f"out={tmp_path}", "eval_split=bogus", "train.progress=false"])
+    with pytest.raises(UserError, match="eval_split must be seen, heldout"):
+        run_scaling(bad, progress=False)  # it used to evaluate nothing and report success
+    assert not any(tmp_path.iterdir())

@@ -107,8 +107,37 @@ def test_lora_settings_parse() -> None:
                        ("r=0", "positive")]:
         with pytest.raises(UserError, match=match):
             parse_lora(bad)
-    with pytest.raises(UserError, match="No linear layer"):
+    with pytest.raises(UserError, match="qkv are not projections"):
         apply_lora(tiny_model(), LoRAConfig(targets=["qkv"]))
+    gelu = Transformer(preset("tiny", vocab_size=300, context_length=32, mlp="gelu"))
+    with pytest.raises(UserError, match="No linear layer"):  # a projection the model lacks
+        apply_lora(gelu, LoRAConfig(targets=["gate_proj"]))
+
+
+def test_adapters_start_from_the_seed_they_are_given() -> None:
+    """A: drawn from a generator of its own, so a run is repeatable (and the same on every
+    rank) whatever torch's global seed is."""
+    def first_a(seed: int) -> torch.Tensor:
+        torch.manual_seed(torch.seed())  # whatever the global generator holds
+        model = apply_lora(tiny_model(), LoRAConfig(r=4), seed=seed)
+        return next(m for m in model.modules() if isinstance(m, LoRALinear)).lora_A.detach()
+
+    assert torch.equal(first_a(3), first_a(3))
+    assert not torch.equal(first_a(3), first_a(4))
+
+
+def test_a_broken_adapter_description_is_one_sentence(tmp_path: Path) -> None:
+    from kotonoha.train.lora import save_adapter
+
+    model = apply_lora(tiny_model(), LoRAConfig(r=4))
+    save_adapter(tmp_path, model.state_dict(), LoRAConfig(r=4), base="tiny")
+    meta = json.loads((tmp_path / "adapter.json").read_text())
+    for lora in ("r=4", {"rank": 4}, None):
+        broken = {**meta, "lora": lora} if lora is not None else {
+            k: v for k, v in meta.items() if k != "lora"}
+        (tmp_path / "adapter.json").write_text(json.dumps(broken))
+        with pytest.raises(UserError, match="no valid \"lora\" settings"):
+            load_adapter(tiny_model(), tmp_path)
 
 
 def test_adapter_must_fit_its_base(tmp_path: Path) -> None:
@@ -167,8 +196,11 @@ def test_adapter_only_run_loads_and_merges_with_convert(tmp_path: Path, capsys) 
 
 
 def test_a_target_that_matches_no_layer_is_refused_even_when_others_match() -> None:
-    with pytest.raises(UserError, match="q_prj match no linear layer"):
+    with pytest.raises(UserError, match="q_prj are not projections"):
         apply_lora(tiny_model(), LoRAConfig(targets=["q_prj", "v_proj"]))
+    # The output head may share the embedding's weight: a merged adapter there was lost.
+    with pytest.raises(UserError, match="lm_head are not projections"):
+        LoRAConfig(targets="lm_head")
     # The default targets name gate_proj, which a gelu MLP does not have: still fine.
     gelu = Transformer(preset("tiny", vocab_size=300, context_length=32, mlp="gelu"))
     apply_lora(gelu, LoRAConfig())

@@ -177,8 +177,9 @@ def prepare_corpus(cfg: ScalingConfig, progress: bool = True) -> tuple[Path, Pat
 
 
 def _check_sizes(cfg: ScalingConfig) -> list[dict[str, Any]]:
-    if not cfg.sizes:
-        raise UserError("The sweep has no sizes; list them under `sizes:` in the config.")
+    if not cfg.sizes or len(cfg.sizes) < 2:  # checked before any training, not at the fit
+        raise UserError("The sweep needs at least two sizes (a power law is fit through them); "
+                        "list them under `sizes:` in the config.")
     names = []
     for i, s in enumerate(cfg.sizes):
         if not isinstance(s, dict) or not {"n_layer", "d_model"} <= set(s):
@@ -515,6 +516,9 @@ def run_scaling(cfg: ScalingConfig, progress: bool = True) -> dict[str, Any] | N
     if cfg.eval_items < 1:  # checked now, not after every size has trained
         raise UserError(f"eval_items must be at least 1 (items per task and language), not "
                         f"{cfg.eval_items}.")
+    if cfg.eval_split not in (None, "seen", "heldout"):
+        raise UserError(f"eval_split must be seen, heldout or left out (both), not "
+                        f"{cfg.eval_split!r}.")
     cfg.train.progress = cfg.train.progress and progress
     if cfg.threads is not None:
         # On a busy machine one thread per process beats several that fight for the cores.

@@ -234,7 +234,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     steps_for(cfg.train, cfg.epochs, len(train))
     lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
     if lora is not None:
-        apply_lora(model, lora)
+        apply_lora(model, lora, seed=cfg.train.seed)
     reference = make_reference(model, lora, d.device)  # before the trainer wraps the model
     write_config(run_dir, cfg, d)
 

@@ -54,6 +54,12 @@ class LoRAConfig:
             raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
         if isinstance(self.targets, str):
             self.targets = [t for t in self.targets.replace("+", ",").split(",") if t]
+        # Only the blocks' projections: a typo would be skipped silently, and the output head
+        # may share its weight with the embedding, where a merged adapter would be lost.
+        unknown = [t for t in self.targets if t not in ALL_PROJECTIONS]
+        if unknown:
+            raise UserError(f"LoRA target(s) {', '.join(unknown)} are not projections; targets "
+                            f"must be among {', '.join(ALL_PROJECTIONS)}.")
 
     @property
     def scale(self) -> float:
@@ -85,17 +91,18 @@ def parse_lora(spec: str | dict[str, Any] | LoRAConfig | None) -> LoRAConfig | N
 class LoRALinear(nn.Linear):
     """A frozen linear layer plus a trainable low-rank update (see the module docstring)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight we replace
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: no copy
         self.r, self.scale = r, alpha / r
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device,
-                                               dtype=w.dtype))
+        a = torch.empty(r, self.in_features)  # drawn on the CPU, where `generator` lives
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as nn.Linear, PEFT
+        self.lora_A = nn.Parameter(a.to(w.device, w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device,
                                                dtype=w.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) do
         self.lora_dropout = nn.Dropout(dropout)
         self.enabled = True
 
@@ -118,25 +125,25 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, m
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Wrap every nn.Linear whose attribute name is in `cfg.targets`; freeze all the rest."""
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
+    """Wrap every nn.Linear whose attribute name is in `cfg.targets`; freeze all the rest.
+
+    The adapters' A matrices are drawn from their own generator seeded with `seed` (a stage
+    passes its train.seed): the same run twice, or on more ranks, starts from the same A.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
-    matched: set[str] = set()
+    generator = torch.Generator().manual_seed(seed)
+    wrapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in cfg.targets and type(child) is nn.Linear:
-                setattr(parent, name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
-                matched.add(name)
-    if not matched:
+                setattr(parent, name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout,
+                                                 generator))
+                wrapped += 1
+    if not wrapped:  # a target may be absent (a gelu MLP has no gate_proj), not all of them
         raise UserError(f"No linear layer of the model is named any of {cfg.targets}; LoRA "
                         f"targets must be among {', '.join(ALL_PROJECTIONS)}.")
-    # A known projection may be absent (a gelu MLP has no gate_proj, and the default targets
-    # name it); any other name that matched nothing is a typo, not to be skipped silently.
-    unknown = [t for t in cfg.targets if t not in matched and t not in ALL_PROJECTIONS]
-    if unknown:
-        raise UserError(f"LoRA target(s) {', '.join(unknown)} match no linear layer of the "
-                        f"model; targets must be among {', '.join(ALL_PROJECTIONS)}.")
     return model
 
 
@@ -228,7 +235,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     meta = read_json(d / ADAPTER_CONFIG, "loading a LoRA adapter")
     if not isinstance(meta, dict) or meta.get("format") != "kotonoha-lora":
         raise UserError(f"{d / ADAPTER_CONFIG} is not a kotonoha LoRA adapter description.")
-    cfg = LoRAConfig(**meta["lora"])
+    try:
+        cfg = LoRAConfig(**meta["lora"])
+    except (KeyError, TypeError):  # no "lora", not a mapping, or an unknown setting
+        raise UserError(f"{d / ADAPTER_CONFIG} has no valid \"lora\" settings (r, alpha, "
+                        "dropout, targets); write the adapter again.") from None
     apply_lora(model, cfg)
     tensors = read_safetensors(d / ADAPTER_WEIGHTS)
     own = adapter_state(model.state_dict())

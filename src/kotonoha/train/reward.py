@@ -228,7 +228,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
     ctx = context_for(backbone, cfg.context_length)
     lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
     if lora is not None:
-        apply_lora(backbone, lora)  # freezes the backbone's own weights, not the head's
+        # Freezes the backbone's own weights, not the head's.
+        apply_lora(backbone, lora, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same head on every rank
     model = RewardModel(backbone, tok).train()
     train = PairData(tok, train_pairs, ctx, seed=cfg.train.seed)

@@ -653,7 +653,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     policy, tok = _load_policy(cfg.model, "policy")
     lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
     if lora is not None:
-        apply_lora(policy, lora)
+        apply_lora(policy, lora, seed=cfg.train.seed)
     reference: nn.Module
     if lora is not None and cfg.reference is None:
         reference = AdaptersOff(policy)

@@ -256,7 +256,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     steps_for(cfg.train, cfg.epochs, len(train))
     lora = cfg.lora if isinstance(cfg.lora, LoRAConfig) else None
     if lora is not None:
-        apply_lora(model, lora)
+        apply_lora(model, lora, seed=cfg.train.seed)
     if cfg.neftune_alpha:
         add_embedding_noise(model, cfg.neftune_alpha)
     write_config(run_dir, cfg, d)
