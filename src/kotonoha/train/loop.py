@@ -56,6 +56,7 @@ from tqdm import tqdm
 from kotonoha.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
+    parse_device,
     read_safetensors,
     save_safetensors_atomic,
 )
@@ -164,10 +165,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda was requested but no CUDA GPU is available; use device=cpu.")
-    return dev
+    return parse_device(name)  # an unknown name or a missing GPU: one sentence
 
 
 def init_distributed(device: str = "auto") -> Dist:
