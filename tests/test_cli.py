@@ -106,6 +106,21 @@ def test_bad_input_is_one_sentence(argv, match, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name,text,match", [
+    ("model.json", '{"format": "kotonoha", "version": 1}', "not a kotonoha model description"),
+    ("model.json", '{"format": "kotonoha", "version": 1, "config": {"n_layer": "two"}}',
+     "invalid model config"),
+    ("model.json", "[1, 2", "not valid JSON"),
+    ("config.json", "[1, 2]", "not a model config"),
+    ("config.json", '{"model_type": "llama"}', "lacks the field"),
+])
+def test_model_info_of_a_broken_description_is_one_sentence(tmp_path, name, text, match, capsys):
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    code, _, err = run(["model-info", str(tmp_path)], capsys)
+    assert code == 2 and match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("flag,value,match", [
     ("--temperature", "-1", "temperature"),
     ("--top-p", "0", "top_p"),

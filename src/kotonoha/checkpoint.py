@@ -276,8 +276,8 @@ def load_tokenizer(directory: Path) -> Tokenizer | None:
     return Tokenizer.load(directory)
 
 
-def load_kotonoha(directory: str | Path, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """The model config in `directory`'s model.json, checked: one sentence if it is not one."""
     directory = Path(directory)
     meta = read_json(directory / CONFIG_FILE, "loading this kotonoha model")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
@@ -290,8 +290,16 @@ def load_kotonoha(directory: str | Path, *, device: torch.device | str | None = 
         raise UserError(f"{directory / CONFIG_FILE}: 'config' must be a mapping of fields.")
     try:
         cfg = ModelConfig.from_dict(meta["config"])
-    except TypeError as e:
-        raise UserError(f"{directory / CONFIG_FILE} has an invalid model config ({e}).") from None
+    except (TypeError, UserError) as e:  # UserError: a field the config itself refuses
+        reason = str(e).rstrip(".")
+        raise UserError(f"{directory / CONFIG_FILE} has an invalid model config ({reason}).") from None
+    return cfg
+
+
+def load_kotonoha(directory: str | Path, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    directory = Path(directory)
+    cfg = read_model_config(directory)
     weights = directory / WEIGHTS_FILE
     model = build_model(cfg, read_safetensors(weights), source=weights, device=device,
                         dtype=dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,15 +16,15 @@ def model_config_from_spec(spec: str) -> ModelConfig:
     """A preset name, a kotonoha model/run directory or a Hugging Face directory."""
     path = Path(spec)
     if path.is_dir() and (path / "model.json").is_file():
-        try:
-            meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path / 'model.json'} is not valid JSON ({e.msg}).") from None
-        return ModelConfig.from_dict(meta["config"])
+        from kotonoha.checkpoint import read_model_config
+
+        return read_model_config(path)
     if path.is_dir() and (path / "config.json").is_file():
+        from kotonoha.checkpoint import read_json
         from kotonoha.convert.hf import config_from_hf
 
-        return config_from_hf(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        where = path / "config.json"
+        return config_from_hf(read_json(where, "describing this model"), where=str(where))
     if spec in PRESETS:
         return preset(spec)
     if path.exists():

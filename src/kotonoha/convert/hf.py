@@ -73,6 +73,8 @@ def _rope(hf: dict[str, Any], params: dict[str, Any] | None, default_theta: floa
 def config_from_hf(hf: dict[str, Any], where: str = "config.json",
                    name: str | None = None) -> ModelConfig:
     """ModelConfig for a Hugging Face config.json dict (UserError for what we cannot run)."""
+    if not isinstance(hf, dict):
+        raise UserError(f"{where} is not a model config (expected a JSON object of fields).")
     kind = hf.get("model_type")
     if kind not in FAMILIES:
         hint = (" (multimodal Gemma 3; use a text-only gemma3_text checkpoint)"
