@@ -23,7 +23,7 @@ from kotonoha.explain.attention import (
     pronoun_study,
 )
 from kotonoha.explain.cli import main as explain_cli
-from kotonoha.explain.common import encode, residual_stream
+from kotonoha.explain.common import encode, residual_stream, token_labels
 from kotonoha.explain.embeddings import (
     SenseExample,
     contextual_similarity,
@@ -191,6 +191,15 @@ def test_neighbours_are_deterministic_and_start_with_the_word(model: Transformer
         twin.embed.weight[copies] = twin.embed.weight[ids[0]].clone()
     tied = nearest_neighbours(twin, tok, "the", k=3)
     assert [n["id"] for n in tied["neighbours"]] == copies
+
+
+def test_token_labels_escape_invisible_characters(tok: Tokenizer) -> None:
+    # Byte-level BPE has a token for every byte: NUL, tab and a zero-width space must not be
+    # written raw into a Markdown table or a plot label.
+    ids = [tok.encode(text)[0] for text in ("\x00", "\t", "\x7f")]
+    assert token_labels(tok, ids) == ["\\x00", "\\t", "\\x7f"]
+    zero_width = tok.encode("\u200b")
+    assert "".join(token_labels(tok, zero_width)) in ("\\u200b", "\\xe2\\x80\\x8b")
 
 
 def test_pca_finds_the_main_direction_deterministically() -> None:

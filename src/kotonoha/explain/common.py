@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -102,8 +103,25 @@ def token_labels(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
             raw = tokenizer.id_to_token(i) or ""
             if raw and all(ch in _BYTES for ch in raw):
                 text = "".join(f"\\x{_BYTES[ch]:02x}" for ch in raw)
-        labels.append(text.replace("\n", "\\n"))
+        labels.append(_escape_controls(text))
     return labels
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape_controls(text: str) -> str:
+    """Control and other invisible characters (a NUL byte token, U+200B) as escapes, so a
+    label never writes them into a Markdown table or a plot."""
+    out = []
+    for ch in text:
+        if ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif unicodedata.category(ch).startswith("C"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def quote(label: str) -> str:
