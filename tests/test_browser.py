@@ -170,6 +170,12 @@ def test_playground_shows_token_probabilities(page: Any) -> None:
     page.mouse.move(5, 5)
     last.hover()
     shot(page, "playground.png")
+    # What the run drew follows the language switch: the status line and the pinned table.
+    page.select_option("#lang", "ja")
+    assert "終了理由" in page.inner_text("#pg-status")
+    assert page.inner_text("#pg-details th >> nth=0") == "トークン"
+    page.select_option("#lang", "en")
+    assert "finish reason" in page.inner_text("#pg-status")
 
 
 def test_playground_sends_its_stop_sequences(page: Any) -> None:
@@ -209,7 +215,9 @@ def test_inside_tab_lens_and_attention(page: Any) -> None:
     assert page.locator("#neighbours-table tr.neighbour").count() == 10
     page.select_option("#lang", "ja")
     assert page.inner_text("#tab-inside") == "内部"
+    assert page.inner_text("#neighbours-table th >> nth=0") == "単語"  # drawn before the switch
     page.select_option("#lang", "en")
+    assert page.inner_text("#neighbours-table th >> nth=0") == "Word"
 
 
 def test_arena_vote_changes_leaderboard(page: Any) -> None:

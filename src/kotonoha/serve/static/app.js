@@ -99,7 +99,10 @@ function t(key, vars = {}) {
 
 function applyLanguage() {
   document.documentElement.lang = lang;
-  document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
+  document.querySelectorAll("[data-i18n]").forEach((el) => {
+    el.textContent = t(el.dataset.i18n, el.dataset.i18nVars ? JSON.parse(el.dataset.i18nVars) : {});
+  });
+  document.querySelectorAll("[data-i18n-title]").forEach((el) => { el.title = t(el.dataset.i18nTitle); });
   document.querySelectorAll("[data-i18n-placeholder]").forEach((el) => {
     el.placeholder = t(el.dataset.i18nPlaceholder);
   });
@@ -143,6 +146,20 @@ function el(tag, attrs = {}, ...children) {
   for (const child of children) {
     if (child !== null && child !== undefined) node.append(child);
   }
+  return node;
+}
+
+// An element whose text follows the language switch: applyLanguage re-translates every
+// [data-i18n] (with its variables), so tables and statuses drawn earlier change language too.
+function label(tag, key, vars = null, attrs = {}) {
+  return setLabel(el(tag, attrs), key, vars);
+}
+
+function setLabel(node, key, vars = null) {
+  node.dataset.i18n = key;
+  if (vars) node.dataset.i18nVars = JSON.stringify(vars);
+  else delete node.dataset.i18nVars;
+  node.textContent = t(key, vars || {});
   return node;
 }
 
@@ -568,7 +585,7 @@ function alternativesTable(index) {
     const rows = Object.entries(info.top || {});
     if (!rows.some(([tok]) => tok === info.token)) rows.push([info.token, info.logprob]);
     rows.sort((a, b) => b[1] - a[1]);
-    table.append(el("tr", {}, el("th", {}, t("pg.token")), el("th", {}, t("pg.prob")), el("th", {})));
+    table.append(el("tr", {}, label("th", "pg.token"), label("th", "pg.prob"), el("th", {})));
     for (const [tok, lp] of rows) {
       const p = Math.exp(lp);
       table.append(el("tr", { class: tok === info.token ? "chosen" : "" },
@@ -618,6 +635,7 @@ async function runPlayground() {
   pg.controller = new AbortController();
   $("#pg-run").classList.add("hidden");
   $("#pg-stop").classList.remove("hidden");
+  delete $("#pg-status").dataset.i18n;
   $("#pg-status").textContent = "…";
   let finish = null;
   let usage = null;
@@ -646,13 +664,14 @@ async function runPlayground() {
     $("#pg-output").querySelectorAll(".tok[data-index]").forEach((span) => {
       if (finish === "stop" && pg.offsets[Number(span.dataset.index)] >= released) {
         span.classList.add("stopped");
+        span.dataset.i18nTitle = "pg.stopped";
         span.title = t("pg.stopped");
       }
     });
     pg.controller = null;
     $("#pg-run").classList.remove("hidden");
     $("#pg-stop").classList.add("hidden");
-    $("#pg-status").textContent = t("pg.done", {
+    setLabel($("#pg-status"), "pg.done", {
       n: usage ? usage.completion_tokens : "?", reason: finish || "—",
     });
   }
@@ -768,15 +787,15 @@ async function runLens() {
   try {
     const r = await api("/v1/inside/lens", { method: "POST", body: { model, prompt: text, answer: answer.trim() ? answer : null } });
     const follow = r.answer_token !== null;
-    const head = el("tr", {}, el("th", {}, t("inside.layer")), el("th", {}, t("inside.top")),
-      follow ? el("th", {}, `p(${JSON.stringify(r.answer_token)})`) : null, follow ? el("th", {}, t("inside.rank")) : null);
+    const head = el("tr", {}, label("th", "inside.layer"), label("th", "inside.top"),
+      follow ? el("th", {}, `p(${JSON.stringify(r.answer_token)})`) : null, follow ? label("th", "inside.rank") : null);
     const rows = r.layers.map((row) => el("tr", { class: "lens-row" },
       el("td", { class: "num" }, String(row.layer)),
       el("td", {}, ...row.top.map((c) => el("span", { class: "lens-token", style: `background:${probColor(c.prob)}` },
         `${JSON.stringify(c.token)} ${(100 * c.prob).toFixed(1)}%`))),
       follow ? el("td", { class: "num" }, `${(100 * row.answer_prob).toFixed(2)}%`) : null,
       follow ? el("td", { class: "num" }, String(row.answer_rank)) : null));
-    $("#inside-output").replaceChildren(el("p", { class: "hint" }, t("inside.lens_hint")),
+    $("#inside-output").replaceChildren(label("p", "inside.lens_hint", null, { class: "hint" }),
       el("table", { class: "lens", id: "lens-table" }, el("thead", {}, head), el("tbody", {}, ...rows)));
   } catch (e) { showError(e.message); }
 }
@@ -797,10 +816,10 @@ async function runAttention() {
           class: "cell", title: `${r.tokens[q]} → ${r.tokens[k]}: ${w.toFixed(3)}`,
           style: `background:rgba(37,99,235,${w.toFixed(3)})`,
         }))));
-      return el("div", { class: "head-map" }, el("div", { class: "side-title" }, t("inside.head", { h })),
+      return el("div", { class: "head-map" }, label("div", "inside.head", { h }, { class: "side-title" }),
         el("table", { class: "attention", "data-head": String(h) }, header, ...rows));
     });
-    $("#inside-output").replaceChildren(el("p", { class: "hint" }, t("inside.attention_hint")),
+    $("#inside-output").replaceChildren(label("p", "inside.attention_hint", null, { class: "hint" }),
       el("div", { class: "head-maps", id: "attention-maps" }, ...heads));
   } catch (e) { showError(e.message); }
 }
@@ -811,10 +830,10 @@ async function runNeighbours() {
     const r = await api("/v1/inside/neighbours", { method: "POST", body: { model, word: $("#inside-word").value, k: 10 } });
     const rows = r.neighbours.map((n) => el("tr", { class: "neighbour" },
       el("td", {}, JSON.stringify(n.token)), el("td", { class: "num" }, n.cosine.toFixed(3))));
-    $("#inside-output").replaceChildren(el("p", { class: "hint" }, t("inside.neighbours_hint")),
+    $("#inside-output").replaceChildren(label("p", "inside.neighbours_hint", null, { class: "hint" }),
       el("p", {}, `${JSON.stringify(r.word)} = ${r.tokens.map((x) => JSON.stringify(x)).join(" + ")}`),
       el("table", { class: "lens", id: "neighbours-table" },
-        el("thead", {}, el("tr", {}, el("th", {}, t("inside.word")), el("th", {}, t("inside.cosine")))),
+        el("thead", {}, el("tr", {}, label("th", "inside.word"), label("th", "inside.cosine"))),
         el("tbody", {}, ...rows)));
   } catch (e) { showError(e.message); }
 }
