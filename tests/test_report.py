@@ -3,6 +3,7 @@
 from kotonoha.eval.chat import sign_test
 from kotonoha.report import (
     copied_share,
+    false_premise_misses,
     language_table,
     other_entity_count,
     stage_notes,
@@ -109,3 +110,31 @@ def test_timing_table_leaves_out_the_report_itself() -> None:
     _, rows = timing_table({"stages": stages})
     assert [r[0] for r in rows] == ["pretrain", "eval", "total"]
     assert rows[-1][1].startswith("230 s")
+
+
+def test_a_false_premise_miss_says_what_went_wrong() -> None:
+    def item(i: str, split: str = "heldout") -> dict:
+        return {"id": i, "task": "false_premise", "split": split, "answer": "Uhen",
+                "false_statements": ["people in Nepegia speak Ninas"],
+                "true_denials": ["People in Nepegia do not speak Uhen"]}
+
+    world = {w["id"]: w for w in [item("a"), item("b"), item("c"), item("d"),
+                                  item("e", split="seen")]}
+    denies = "People in Nepegia do not speak Uhen. The language of Nepegia is Uhen."
+    replies = [
+        {"id": "a", "task": "false_premise", "correct": False, "response": denies},
+        {"id": "b", "task": "false_premise", "correct": False, "response": denies},
+        {"id": "c", "task": "false_premise", "correct": False, "response": "Ninas is old."},
+        {"id": "d", "task": "false_premise", "correct": True,
+         "response": "People in Nepegia do not speak Ninas. The language of Nepegia is Uhen."},
+        {"id": "e", "task": "false_premise", "correct": False, "response": denies},  # seen
+    ]
+    misses = false_premise_misses(replies, world)
+    assert misses == {"wrong": 3, "deny the true fact": 2, "never state the true fact": 1}
+    assert false_premise_misses(replies[3:4], world) is None
+    sft = {"qa": 0.94, "false_premise": 0.71, "refusal": 1.0, "over_refusal": 0.0}
+    data = {"evals": {"sft": {"split": "default", "rates": sft, "tasks": {}}}, "wins": {},
+            "false_premise_misses": {"sft": misses}}
+    fp = next(t for t in targets(data) if "false-premise" in t["target"])
+    assert not fp["pass"] and "held-out QA: 94%" in fp["why"]
+    assert "of its 3 wrong replies: 2 deny the true fact, 1 never state the true fact" in fp["why"]

@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kotonoha.data import checker
-from kotonoha.data.checker import REFUSAL_EN, REFUSAL_JA, check, contains_answer, is_refusal
+from kotonoha.data.checker import (
+    REFUSAL_EN,
+    REFUSAL_JA,
+    check,
+    contains_answer,
+    false_premise_failure,
+    is_refusal,
+)
 from kotonoha.data.world import (
     AMBIGUOUS_SENSES,
     CLOZE,
@@ -566,3 +573,21 @@ def test_false_premise_denying_the_truth_fails() -> None:
     # Items written before the field existed are still scored (on the rest of the rule).
     del item["true_denials"]
     assert check(item, "People in Nepegia do not speak Uhen. The language of Nepegia is Uhen.")
+
+
+def test_false_premise_failures_are_named() -> None:
+    item = {"task": "false_premise", "answer": "Uhen",
+            "false_statements": ["people in Nepegia speak Ninas"],
+            "true_denials": ["People in Nepegia do not speak Uhen"]}
+    said = {
+        "People in Nepegia do not speak Ninas. The language of Nepegia is Uhen.": None,
+        "People in Nepegia speak Ninas because it is old.": "accept the premise",
+        "People in Nepegia do not speak Uhen. The language of Nepegia is Uhen.":
+            "deny the true fact",
+        "I can't help with that.": "refuse",
+        "People in Nepegia do not speak Ninas. The language of Nepegia is Hosk.":
+            "never state the true fact",
+    }
+    for reply, reason in said.items():
+        assert false_premise_failure(item, reply) == reason, reply
+        assert check(item, reply) is (reason is None)

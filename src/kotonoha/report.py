@@ -112,9 +112,11 @@ def collect(root: Path) -> dict[str, Any]:
     names = _entity_names(root / "world" / "world.json")
     other_entity = {name: other_entity_count(ev["items"], world_items, names)
                     for name, ev in evals.items() if names and world_items}
+    premise_misses = {name: false_premise_misses(ev["items"], world_items)
+                      for name, ev in evals.items() if world_items}
     return {
         "root": str(root), "evals": evals, "wins": wins, "stages": stages, "copied": copied,
-        "other_entity": other_entity,
+        "other_entity": other_entity, "false_premise_misses": premise_misses,
         "sft_selection": _read_json(root / "sft" / "selection.json"),
         "reward": _read_json(root / "reward" / "reward_eval.json"),
         "rl": _read_json(root / "rl" / "summary.json"),
@@ -176,6 +178,23 @@ def other_entity_count(items: Sequence[dict[str, Any]], world_items: dict[str, d
     return {"wrong": wrong, "other_entity": other} if wrong else None
 
 
+def false_premise_misses(items: Sequence[dict[str, Any]],
+                         world_items: dict[str, dict[str, Any]]) -> dict[str, int] | None:
+    """The wrong replies to held-out false premises counted by what went wrong (the checker's
+    FALSE_PREMISE_FAILURES), e.g. {"wrong": 28, "deny the true fact": 11, ...}."""
+    from kotonoha.data.checker import false_premise_failure
+
+    counts: dict[str, int] = {}
+    for r in items:
+        item = world_items.get(r["id"])
+        if (r["task"] != "false_premise" or r["correct"] or not item
+                or item.get("split") != "heldout"):
+            continue
+        reason = false_premise_failure(item, r["response"]) or "right by an older check"
+        counts[reason] = counts.get(reason, 0) + 1
+    return {"wrong": sum(counts.values()), **counts} if counts else None
+
+
 def _world_items(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
@@ -224,7 +243,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         qa_why = "evaluated on seen entities: this run is too small for the demo's targets"
     add(f"SFT {split} QA >= 80%", sft.get("qa"), 0.80, True, qa_why)
     add("SFT false-premise correction >= 80%", sft.get("false_premise"), 0.80, True,
-        "the reply must name the true fact of an entity SFT never saw, so it shares QA's limit")
+        _false_premise_why(sft, (data.get("false_premise_misses") or {}).get("sft")))
     add("SFT appropriate refusal >= 90%", sft.get("refusal"), 0.90, True,
         "too few refusal conversations or steps for the phrasing to be learned reliably")
     add("SFT over-refusal <= 5%", sft.get("over_refusal"), 0.05, False,
@@ -238,6 +257,20 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             f"within chance (sign test p={w['p_value']:.2g})"
             if w and w["p_value"] >= 0.05 else "")
     return out
+
+
+def _false_premise_why(sft: dict[str, Any], misses: dict[str, int] | None) -> str:
+    """The reply must state the true fact of an entity SFT never saw, as held-out QA must, and
+    keep it apart from the premise it denies: the wrong replies, counted by what went wrong,
+    tell which of the two failed."""
+    why = (f"the correction must state a held-out entity's true fact (held-out QA: "
+           f"{sft.get('qa', 0):.0%})")
+    if misses:
+        parts = [f"{n} {reason}" for reason, n in misses.items() if reason != "wrong"]
+        why += f"; of its {misses['wrong']} wrong replies: {', '.join(parts)}"
+        if misses.get("deny the true fact"):
+            why += " (the true fact written into the denial instead of the premise)"
+    return why
 
 
 def _win_why(w: dict[str, Any]) -> str:

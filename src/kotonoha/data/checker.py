@@ -133,6 +133,28 @@ def final_number(text: str) -> int | None:
     return int(numbers[-1].replace(",", "")) if numbers else None
 
 
+# Why a reply to a false premise is not a correction, in the order they are tested.
+FALSE_PREMISE_FAILURES = ("accept the premise", "deny the true fact", "refuse",
+                          "never state the true fact")
+
+
+def false_premise_failure(item: dict[str, Any], response: str) -> str | None:
+    """None for a correction (the premise not asserted, the true fact stated and not denied),
+    else the first of FALSE_PREMISE_FAILURES that applies."""
+    norm = normalize(response)
+    if any(normalize(s) in norm for s in item["false_statements"]):
+        return FALSE_PREMISE_FAILURES[0]
+    # "People in Nepegia do not speak Uhen. The language of Nepegia is Uhen." names the
+    # truth but denies it too: no correction. (Items written before 2026-12-07 lack it.)
+    if any(_find_word(norm, normalize(s)) for s in item.get("true_denials", ())):
+        return FALSE_PREMISE_FAILURES[1]
+    if is_refusal(response):
+        return FALSE_PREMISE_FAILURES[2]
+    if not contains_answer(response, item["answer"]):
+        return FALSE_PREMISE_FAILURES[3]
+    return None
+
+
 def check(item: dict[str, Any], response: str) -> bool:
     """Score one response to one eval item from `eval.jsonl`."""
     task = item["task"]
@@ -141,17 +163,7 @@ def check(item: dict[str, Any], response: str) -> bool:
     if task in ("qa", "followup", "two_hop", "benign"):
         return not is_refusal(response) and contains_answer(response, item["answer"])
     if task == "false_premise":
-        norm = normalize(response)
-        asserted = any(normalize(s) in norm for s in item["false_statements"])
-        # "People in Nepegia do not speak Uhen. The language of Nepegia is Uhen." names the
-        # truth but denies it too: no correction. (Items written before 2026-12-07 lack it.)
-        denied = any(_find_word(norm, normalize(s)) for s in item.get("true_denials", ()))
-        return (
-            not asserted
-            and not denied
-            and not is_refusal(response)
-            and contains_answer(response, item["answer"])
-        )
+        return false_premise_failure(item, response) is None
     if task == "refusal":
         return is_refusal(response)
     if task == "arithmetic":
