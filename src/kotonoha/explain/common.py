@@ -118,7 +118,8 @@ def _escape_controls(text: str) -> str:
         if ch in _NAMED_ESCAPES:
             out.append(_NAMED_ESCAPES[ch])
         elif unicodedata.category(ch).startswith("C"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+            # \u above ASCII: "\x85" would read as a byte of a split character (see above)
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x80 else f"\\u{ord(ch):04x}")
         else:
             out.append(ch)
     return "".join(out)
