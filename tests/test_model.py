@@ -9,8 +9,10 @@ from kotonoha.model import (
     KVCache,
     ModelConfig,
     Transformer,
+    apply_rope,
     flops_per_token,
     preset,
+    rope_tables,
 )
 
 VARIANTS = {
@@ -265,3 +267,26 @@ def test_invalid_config_values_are_user_errors(field, value, match):
         preset("tiny", **{field: value})
     with pytest.raises(UserError, match=match):
         ModelConfig.from_dict({**preset("tiny").to_dict(), field: value})
+
+
+def test_rope_rotates_by_relative_position_in_the_input_dtype():
+    cos, sin = rope_tables(head_dim=16, length=64, theta=10000.0)
+    q, k = torch.randn(2, 1, 1, 16).unbind(0)  # (1, 1, 16) each -> one head, one token
+
+    def at(x, p):  # x placed at position p: (B=1, H=1, T=1, D)
+        return apply_rope(x[None], cos[p][None, None], sin[p][None, None])
+
+    # Attention scores depend only on the distance between query and key.
+    score = [(at(q, m) * at(k, m - 5)).sum().item() for m in (5, 20, 63)]
+    assert max(score) - min(score) < 1e-4
+    assert (at(q, 0) - q[None]).abs().max() == 0  # position 0: no rotation
+    other = (at(q, 20) * at(k, 20)).sum().item()  # distance 0, not 5: another score
+    assert abs(other - score[0]) > 1e-3
+    # bf16 in, bf16 out, agreeing with the fp32 rotation to bf16 precision.
+    x = torch.randn(2, 4, 64, 16)
+    pos = torch.arange(64).expand(2, 64)
+    full = apply_rope(x, cos[pos], sin[pos])
+    half = apply_rope(x.bfloat16(), cos[pos], sin[pos])
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max() < 0.05
+    assert (full.norm(dim=-1) - x.norm(dim=-1)).abs().max() < 1e-4  # a rotation
