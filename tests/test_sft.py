@@ -173,6 +173,12 @@ def test_resume_continues_exactly(tmp_path: Path, noise: list[str]) -> None:
     sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=6"], False)
     with pytest.raises(UserError, match="--resume"):  # the trainer core refuses to overwrite
         sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12"], False)
+    config = tmp_path / "b" / "config.yaml"
+    trained_with = config.read_text()
+    with pytest.raises(UserError, match="batch_size"):
+        sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12",
+                                 "train.batch_size=2"], True)
+    assert config.read_text() == trained_with  # still the config the checkpoint was made with
     resumed = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12"], True)
     a, b = (read_safetensors(r / "model.safetensors") for r in (whole, resumed))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

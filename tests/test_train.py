@@ -433,8 +433,13 @@ def test_resuming_with_another_model_shape_is_a_user_error(data_dir: Path,
                                                             tmp_path: Path) -> None:
     run = tiny(data_dir, tmp_path / "r", "train.steps=2")
     pretrain_main(TINY, run, resume=False)
+    config = tmp_path / "r" / "config.yaml"
+    trained_with = config.read_text()
     with pytest.raises(UserError, match="different model shape.*start a new out="):
         pretrain_main(TINY, [*run, "model.d_model=96", "train.steps=4"], resume=True)
+    assert config.read_text() == trained_with  # the refused settings did not replace it
+    pretrain_main(TINY, [*run, "train.steps=4"], resume=True)
+    assert "steps: 4" in config.read_text() and "steps: 2" in trained_with
 
 
 @pytest.mark.parametrize("resumed_lora", [8, None])

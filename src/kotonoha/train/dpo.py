@@ -56,7 +56,6 @@ from kotonoha.train.sft import (
     make_export,
     stage_main,
     steps_for,
-    write_config,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -236,8 +235,6 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
     if lora is not None:
         apply_lora(model, lora, seed=cfg.train.seed)
     reference = make_reference(model, lora, d.device)  # before the trainer wraps the model
-    write_config(run_dir, cfg, d)
-
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // d.world_size)
 
     def policy(batch: Batch) -> torch.Tensor:
@@ -259,7 +256,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
         export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
                            {"stage": "dpo", "init_from": cfg.init_from, "beta": cfg.beta}),
         flops_per_token=flops_per_token(model.cfg, ctx, train.logits_share())["training"],
-        dist_info=d,
+        dist_info=d, config=cfg,
     )
     report: dict[str, Any] = {"train_pairs": len(train), "test_pairs": len(test_pairs),
                               "beta": cfg.beta}

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from kotonoha.checkpoint import atomic_write_text, build_model, load_model, save_model
-from kotonoha.config import dump_yaml, load_config
+from kotonoha.config import load_config
 from kotonoha.data.shards import TOKENIZER_SUBDIR, ShardDataset, read_meta, tokenizer_hash
 from kotonoha.errors import UserError
 from kotonoha.model import Transformer, flops_per_token, preset
@@ -134,13 +134,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
 
     train = ShardDataset(data_dir, "train", ctx, seed=cfg.train.seed)
     val = ShardDataset(data_dir, "val", ctx, seed=cfg.train.seed)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # The fully resolved shape (the preset's name is in `preset`), unless it comes from
-        # init_from's checkpoint.
-        shape = {k: v for k, v in mcfg.to_dict().items() if k != "name"}
-        resolved = PretrainConfig(**{**cfg.__dict__, "model": {} if cfg.init_from else shape})
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved))
+    # config.yaml (the trainer writes it) holds the fully resolved shape (the preset's name is
+    # in `preset`), unless it comes from init_from's checkpoint.
+    shape = {k: v for k, v in mcfg.to_dict().items() if k != "name"}
+    resolved = PretrainConfig(**{**cfg.__dict__, "model": {} if cfg.init_from else shape})
 
     def export(state: dict[str, torch.Tensor], step: int) -> None:
         save_model(run_dir, build_model(mcfg, state, source=run_dir), tokenizer,
@@ -151,7 +148,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
         loss_fn=lm_loss, evaluate=make_evaluate(val, cfg.train, d), export=export,
         flops_per_token=flops_per_token(mcfg, ctx)["training"],
-        tokens_per_step=cfg.train.batch_size * ctx, dist_info=d,
+        tokens_per_step=cfg.train.batch_size * ctx, dist_info=d, config=resolved,
     )
     if d.is_main and cfg.train.progress:
         n = sum(p.numel() for p in model.parameters())

@@ -56,7 +56,6 @@ from kotonoha.train.sft import (
     load_chat_model,
     stage_main,
     steps_for,
-    write_config,
 )
 
 HEAD_FILE = "reward_head.safetensors"
@@ -235,8 +234,6 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
     train = PairData(tok, train_pairs, ctx, seed=cfg.train.seed)
     test = PairData(tok, test_pairs, ctx) if test_pairs else None
     steps_for(cfg.train, cfg.epochs, len(train))
-    write_config(run_dir, cfg, d)
-
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // d.world_size)
 
     final: dict[str, Any] = {}  # the latest evaluation in full (per-kind accuracy too)
@@ -257,7 +254,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
         get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
         loss_fn=bt_loss(cfg.margin), evaluate=evaluate if test else None, export=export,
         flops_per_token=flops_per_token(backbone.cfg, ctx, logits_share=0.0)["training"],
-        dist_info=d,
+        dist_info=d, config=cfg,
     )
     announce("reward", model, len(train), cfg.train, d)
     trainer.fit(resume=resume)

@@ -78,7 +78,7 @@ from kotonoha.checkpoint import (
     atomic_write_text,
     load_model,
 )
-from kotonoha.config import dump_yaml, load_config
+from kotonoha.config import load_config
 from kotonoha.data import checker
 from kotonoha.data.chat import clean_message, collate_replies, cut_before_last_reply
 from kotonoha.errors import UserError
@@ -668,7 +668,6 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     reward = reward_fn or make_reward_fn(cfg, d.device)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     torch.manual_seed(cfg.train.seed)
     run = RLRun(cfg, policy, reference, tok, prompts, reward, d, run_dir)
@@ -681,7 +680,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     evaluate = (_make_evaluate(cfg, run, tok) if cfg.eval_items or cfg.probe_prompts
                 else None)
     trainer = Trainer(policy, cfg.train, run_dir, get_batch=run.get_batch, loss_fn=run.loss_fn,
-                      evaluate=evaluate, export=export, dist_info=d)
+                      evaluate=evaluate, export=export, dist_info=d, config=cfg)
     if d.is_main and cfg.train.progress:
         iters = math.ceil(cfg.train.steps / run.steps_per_rollout)
         print(f"rl: {iters} iterations x {cfg.prompts_per_rollout} prompts x "

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kotonoha.checkpoint import atomic_write_text, build_model, load_model, save_model
-from kotonoha.config import dump_yaml, load_config
+from kotonoha.checkpoint import build_model, load_model, save_model
+from kotonoha.config import load_config
 from kotonoha.data.chat import (
     SFTData,
     conversation_kinds,
@@ -143,12 +143,6 @@ def make_export(run_dir: Path, model: Transformer, tok: Tokenizer, lora: LoRACon
     return export
 
 
-def write_config(run_dir: Path, cfg: Any, d: Dist) -> None:
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-
-
 def announce(stage: str, model: nn.Module, n_examples: int, train: TrainConfig, d: Dist) -> None:
     if d.is_main and train.progress:
         total = sum(p.numel() for p in model.parameters())
@@ -259,8 +253,6 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         apply_lora(model, lora, seed=cfg.train.seed)
     if cfg.neftune_alpha:
         add_embedding_noise(model, cfg.neftune_alpha)
-    write_config(run_dir, cfg, d)
-
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // d.world_size)
     trainer = Trainer(
         model, cfg.train, run_dir,
@@ -270,7 +262,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
                            {"stage": "sft", "init_from": cfg.init_from}),
         flops_per_token=flops_per_token(model.cfg, ctx, train.logits_share())["training"],
-        dist_info=d,
+        dist_info=d, config=cfg,
     )
     announce("sft", model, len(train), cfg.train, d)
     trainer.fit(resume=resume)
