@@ -256,7 +256,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> Path:
         export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
                            {"stage": "dpo", "init_from": cfg.init_from, "beta": cfg.beta}),
         flops_per_token=flops_per_token(model.cfg, ctx, train.logits_share())["training"],
-        dist_info=d, config=cfg,
+        dist_info=d, stage_config=cfg,
     )
     report: dict[str, Any] = {"train_pairs": len(train), "test_pairs": len(test_pairs),
                               "beta": cfg.beta}

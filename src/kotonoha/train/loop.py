@@ -365,9 +365,9 @@ class Trainer:
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  export: Callable[[dict[str, torch.Tensor], int], None] | None = None,
                  flops_per_token: float | None = None, tokens_per_step: int | None = None,
-                 dist_info: Dist | None = None, config: Any = None) -> None:
+                 dist_info: Dist | None = None, stage_config: Any = None) -> None:
         self.cfg = cfg
-        self.config = config  # the stage's whole config, written as config.yaml by fit()
+        self.stage_config = stage_config  # the whole stage config: fit() writes config.yaml
         self.run_dir = Path(run_dir)
         self.get_batch, self.loss_fn, self.evaluate, self.export = (get_batch, loss_fn,
                                                                     evaluate, export)
@@ -463,8 +463,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # Only once the checkpoint has loaded: a resume refused for another model shape or
             # batch size leaves the config the run was trained with.
-            if self.config is not None:
-                atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.config))
+            if self.stage_config is not None:
+                atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.stage_config))
             self._trim_metrics()
         peak = peak_flops(cfg, self.device, self.amp_dtype) if self.flops_per_token else None
         with contextlib.ExitStack() as stack:

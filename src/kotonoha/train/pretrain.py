@@ -148,7 +148,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
         loss_fn=lm_loss, evaluate=make_evaluate(val, cfg.train, d), export=export,
         flops_per_token=flops_per_token(mcfg, ctx)["training"],
-        tokens_per_step=cfg.train.batch_size * ctx, dist_info=d, config=resolved,
+        tokens_per_step=cfg.train.batch_size * ctx, dist_info=d, stage_config=resolved,
     )
     if d.is_main and cfg.train.progress:
         n = sum(p.numel() for p in model.parameters())

@@ -254,7 +254,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> Path:
         get_batch=lambda step, rows: train.batch(step, cfg.train.batch_size, rows),
         loss_fn=bt_loss(cfg.margin), evaluate=evaluate if test else None, export=export,
         flops_per_token=flops_per_token(backbone.cfg, ctx, logits_share=0.0)["training"],
-        dist_info=d, config=cfg,
+        dist_info=d, stage_config=cfg,
     )
     announce("reward", model, len(train), cfg.train, d)
     trainer.fit(resume=resume)

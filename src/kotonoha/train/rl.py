@@ -680,7 +680,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     evaluate = (_make_evaluate(cfg, run, tok) if cfg.eval_items or cfg.probe_prompts
                 else None)
     trainer = Trainer(policy, cfg.train, run_dir, get_batch=run.get_batch, loss_fn=run.loss_fn,
-                      evaluate=evaluate, export=export, dist_info=d, config=cfg)
+                      evaluate=evaluate, export=export, dist_info=d, stage_config=cfg)
     if d.is_main and cfg.train.progress:
         iters = math.ceil(cfg.train.steps / run.steps_per_rollout)
         print(f"rl: {iters} iterations x {cfg.prompts_per_rollout} prompts x "

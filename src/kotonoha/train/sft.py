@@ -262,7 +262,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         export=make_export(run_dir, model, tok, lora, cfg.merge_lora,
                            {"stage": "sft", "init_from": cfg.init_from}),
         flops_per_token=flops_per_token(model.cfg, ctx, train.logits_share())["training"],
-        dist_info=d, config=cfg,
+        dist_info=d, stage_config=cfg,
     )
     announce("sft", model, len(train), cfg.train, d)
     trainer.fit(resume=resume)
