@@ -553,6 +553,38 @@ def test_practice_share_sets_aside_more_entities_and_keeps_pretraining() -> None
             generate_world(0, 0.05, bad)
 
 
+def test_sft_false_premises_adds_new_premises_about_seen_entities(
+    world: World, data: dict[str, list[dict[str, Any]]]
+) -> None:
+    more = world.sft_conversations(false_premises=3)
+    base = data["sft"]
+    assert more[:len(base)] == base  # the file's first part does not depend on the knob
+    extra = more[len(base):]
+    per_lang = Counter(c["lang"] for c in base if c["kind"] == "false_premise")
+    assert Counter(c["lang"] for c in extra) == {lg: 2 * n for lg, n in per_lang.items()}
+    assert {c["kind"] for c in extra} == {"false_premise"}
+
+    def asked(convs: list[dict[str, Any]]) -> set[str]:
+        return {c["messages"][-2]["content"] for c in convs if c["kind"] == "false_premise"}
+
+    # New questions (other facts or other wrong premises), not the same ones again...
+    assert len(asked(more)) > 2 * len(asked(base))
+    # ...each a checkable correction, and never about a held-out or practice entity.
+    for conv in extra:
+        assert checker.check(conv["check"], conv["messages"][-1]["content"])
+    for split in ("heldout", "practice"):
+        names = world.names(split)
+        for lg in ("en", "ja"):
+            text = "\n".join(_sft_text(c) for c in extra if c["lang"] == lg)
+            assert not _name_regex(names[lg], lg).findall(text)
+
+
+def test_sft_false_premises_must_be_a_whole_number(tmp_path: Path) -> None:
+    for bad in (0, 2.5, True):
+        with pytest.raises(UserError, match="sft_false_premises"):
+            write_world(tmp_path / "w", seed=0, scale=0.05, sft_false_premises=bad)
+
+
 def test_false_premise_denying_the_truth_fails() -> None:
     item = {"task": "false_premise", "answer": "Uhen",
             "false_statements": ["People in Nepegia speak Ninas"],

@@ -216,7 +216,7 @@ def cmd_data_world(args: argparse.Namespace) -> None:
 
     share = PRACTICE_SHARE if args.practice_share is None else args.practice_share
     stats = write_world(args.out, seed=args.seed, scale=args.scale, practice_share=share,
-                        show_progress=True)
+                        sft_false_premises=args.sft_false_premises, show_progress=True)
     for name, st in stats.items():
         print(f"{name:<20} {st['lines']:>9,} lines {st['bytes'] / 1e6:>9.2f} MB")
     print(f"world (seed {args.seed}, scale {args.scale}) written to {args.out}")
@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--practice-share", type=float, default=None,
                    help="share of countries and families kept for practice.jsonl only "
                         "(default: the world's PRACTICE_SHARE)")
+    d.add_argument("--sft-false-premises", type=int, default=1,
+                   help="false-premise conversations in sft.jsonl per scheduled one, each a "
+                        "new fact and premise (make demo uses 5)")
     d.set_defaults(func=cmd_data_world)
     d = dsub.add_parser("prepare", help="tokenize text into memory-mapped shards")
     d.add_argument("--source", nargs="+", required=True,

@@ -55,6 +55,7 @@ class WorldStage:
     seed: int = 0
     scale: float = 1.0
     practice_share: float = PRACTICE_SHARE  # countries and families kept for RL/DPO practice
+    sft_false_premises: int = 1  # false-premise conversations per one (World.iter_sft)
 
 
 @dataclass
@@ -145,7 +146,9 @@ def stage_world(cfg: PipelineConfig, resume: bool) -> dict[str, Any]:
     from kotonoha.data.world import write_world
 
     stats = write_world(cfg.path("world"), seed=cfg.world.seed, scale=cfg.world.scale,
-                        practice_share=cfg.world.practice_share, show_progress=_progress(cfg))
+                        practice_share=cfg.world.practice_share,
+                        sft_false_premises=cfg.world.sft_false_premises,
+                        show_progress=_progress(cfg))
     return {name: s["lines"] for name, s in stats.items()}
 
 

@@ -2134,14 +2134,26 @@ class World:
             row["check"] = check
         return row
 
-    def iter_sft(self) -> Iterator[dict[str, Any]]:
+    def iter_sft(self, false_premises: int = 1) -> Iterator[dict[str, Any]]:
+        """The SFT conversations. With `false_premises` n > 1, the file goes on with n - 1 more
+        false-premise conversations per one in it (same language), each a fact with a wrong
+        premise drawn anew: a model that sees one fact under many premises must copy the
+        premise from the question to deny it, where the same conversation counted n times
+        lets it learn which premise goes with which fact. Those come from an RNG of their
+        own, so the file's first part is the same whatever n."""
         rng = random.Random(f"kotonoha-world/{self.seed}/sft")
-        for kind, lang in _schedule(rng, SFT_KINDS, self._counts()["sft"]):
+        plan = _schedule(rng, SFT_KINDS, self._counts()["sft"])
+        for kind, lang in plan:
             yield self._conversation(rng, kind, lang)
+        more = random.Random(f"kotonoha-world/{self.seed}/sft-false-premises")
+        for kind, lang in plan:
+            if kind == "false_premise":
+                for _ in range(false_premises - 1):
+                    yield self._conversation(more, "false_premise", lang)
 
-    def sft_conversations(self) -> list[dict[str, Any]]:
+    def sft_conversations(self, false_premises: int = 1) -> list[dict[str, Any]]:
         """Chat data about the seen split only."""
-        return list(self.iter_sft())
+        return list(self.iter_sft(false_premises))
 
     def iter_practice(self) -> Iterator[dict[str, Any]]:
         """Conversations about the practice entities, in the SFT format with a `check`: RL's
@@ -2544,10 +2556,15 @@ def write_world(
     seed: int = 0,
     scale: float = 1.0,
     practice_share: float = PRACTICE_SHARE,
+    sft_false_premises: int = 1,
     show_progress: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Write pretrain/sft/practice/preferences/eval JSONL and world.json; return lines and
-    bytes per file."""
+    bytes per file. `sft_false_premises`: see `World.iter_sft`."""
+    if not (isinstance(sft_false_premises, int) and not isinstance(sft_false_premises, bool)
+            and sft_false_premises >= 1):
+        raise UserError(f"sft_false_premises must be a whole number >= 1 (false-premise "
+                        f"conversations per scheduled one), got {sft_false_premises!r}.")
     world = generate_world(seed, scale, practice_share)
     out = Path(out_dir)
     try:
@@ -2566,7 +2583,7 @@ def write_world(
     stats["pretrain.jsonl"] = _write_jsonl(out / "pretrain.jsonl", world.iter_pretrain(), progress)
     if progress is not None:
         progress.close()
-    stats["sft.jsonl"] = _write_jsonl(out / "sft.jsonl", world.iter_sft())
+    stats["sft.jsonl"] = _write_jsonl(out / "sft.jsonl", world.iter_sft(sft_false_premises))
     stats["practice.jsonl"] = _write_jsonl(out / "practice.jsonl", world.iter_practice())
     stats["preferences.jsonl"] = _write_jsonl(out / "preferences.jsonl", world.iter_preferences())
     stats["eval.jsonl"] = _write_jsonl(out / "eval.jsonl", world.eval_items())
