@@ -113,6 +113,20 @@ def test_config_wiring_and_errors(tmp_path: Path) -> None:
         load_pipeline_config(TINY, ["sft.nonsense=1"])
 
 
+def test_world_stage_writes_more_false_premises_when_asked(tmp_path: Path) -> None:
+    def false_premises(n: int) -> int:
+        out = tmp_path / f"fp{n}"
+        pipeline_main(TINY, [f"out={out}", "stages=[world]", f"world.sft_false_premises={n}",
+                             *QUIET])
+        rows = [json.loads(line) for line in (out / "world" / "sft.jsonl").open()]
+        return sum(r["kind"] == "false_premise" for r in rows)
+
+    assert false_premises(3) == 3 * false_premises(1) > 0
+    assert load_pipeline_config(DEMO, []).world.sft_false_premises == 5
+    with pytest.raises(UserError, match="sft_false_premises"):
+        false_premises(0)
+
+
 @pytest.mark.slow
 def test_sft_candidates_keep_the_best_on_the_practice_questions(tmp_path: Path) -> None:
     out = tmp_path / "run"
