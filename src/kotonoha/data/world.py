@@ -2139,7 +2139,7 @@ class World:
         false-premise conversations per one in it (same language), each a fact with a wrong
         premise drawn anew: a model that sees one fact under many premises must copy the
         premise from the question to deny it, where the same conversation counted n times
-        lets it learn which premise goes with which fact. Those come from an RNG of their
+        can let it learn which premise goes with which fact. Those come from an RNG of their
         own, so the file's first part is the same whatever n."""
         rng = random.Random(f"kotonoha-world/{self.seed}/sft")
         plan = _schedule(rng, SFT_KINDS, self._counts()["sft"])
