@@ -163,7 +163,8 @@ def test_packing_keeps_every_assistant_token_in_fewer_rows() -> None:
     assert all(len(ids) <= 129 for ids, _ in packed.examples)
 
 
-@pytest.mark.parametrize("noise", [[], ["neftune_alpha=5"]], ids=["plain", "neftune"])
+@pytest.mark.parametrize("noise", [[], ["neftune_alpha=5"], ["lora=r=4,alpha=8"]],
+                         ids=["plain", "neftune", "lora"])
 def test_resume_continues_exactly(tmp_path: Path, noise: list[str]) -> None:
     data = write_jsonl(tmp_path / "sft.jsonl", conversations())
     base = make_base(tmp_path / "base")
@@ -179,6 +180,12 @@ def test_resume_continues_exactly(tmp_path: Path, noise: list[str]) -> None:
         sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12",
                                  "train.batch_size=2"], True)
     assert config.read_text() == trained_with  # still the config the checkpoint was made with
+    saved = read_safetensors(next((tmp_path / "b" / "train_state").glob("step_*"))
+                             / "model.safetensors")
+    if noise and noise[0].startswith("lora"):  # the frozen base is not in the checkpoint
+        assert saved and all(".lora_" in k for k in saved)
+    else:
+        assert "embed.weight" in saved
     resumed = sft_main(str(SFT_TINY), [*common, f"out={tmp_path / 'b'}", "train.steps=12"], True)
     a, b = (read_safetensors(r / "model.safetensors") for r in (whole, resumed))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
