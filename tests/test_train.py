@@ -195,6 +195,34 @@ def test_fast_bf16_needs_the_bf16_instructions_not_just_avx512(
     assert loop.cpu_has_fast_bf16()
 
 
+
+def test_compile_auto_compiles_only_where_it_was_measured_to_pay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    auto = load_config(TrainConfig, None, ["compile=auto"])
+    assert auto.compile == "auto"
+    monkeypatch.setattr(loop, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert loop.compile_pays(auto, cpu, bf16)
+    assert not loop.compile_pays(auto, cpu, None)  # fp32 on the CPU: little or nothing gained
+    assert not loop.compile_pays(auto, cuda, bf16)  # not measured on a GPU yet
+    monkeypatch.setattr(loop, "cpp_compiler", lambda: None)
+    assert not loop.compile_pays(auto, cpu, bf16)  # inductor could not build its kernels
+    assert loop.compile_pays(TrainConfig(compile=True), cpu, None)  # asked for: always
+    assert not loop.compile_pays(TrainConfig(compile=False), cpu, bf16)
+    with pytest.raises(UserError, match="true, false or auto"):
+        load_config(TrainConfig, None, ["compile=sometimes"])
+
+
+def test_cpp_compiler_follows_cxx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = tmp_path / "my-c++"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    assert loop.cpp_compiler() == str(fake)
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert loop.cpp_compiler() is None
+
 FAULTS_OF_REPEATED_BIG_ALLOCATIONS = """
 import resource, sys, torch
 from kotonoha.train.loop import keep_freed_memory

@@ -88,7 +88,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16
-    compile: bool = False
+    # true | false | auto: compile where it was measured to pay, a CPU training in bf16 with
+    # a C++ compiler at hand (compile_pays; docs/BENCHMARKS.md), eager elsewhere
+    compile: bool | str = False
     parallel: str = "ddp"  # ddp | fsdp | none: what to do when torchrun starts several ranks
     seed: int = 0
     log_interval: int = 10
@@ -102,6 +104,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise UserError(f"schedule must be cosine, wsd or constant, not '{self.schedule}'.")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise UserError(f"compile must be true, false or auto, not '{self.compile}'.")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise UserError(f"dtype must be auto, fp32 or bf16, not '{self.dtype}'.")
         if self.optimizer not in ("adamw", "muon"):
@@ -222,6 +226,24 @@ def cpu_has_fast_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on the CPU, if this machine has one."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and (found := shutil.which(name)):
+            return found
+    return None
+
+
+def compile_pays(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """`compile: auto`. Measured on the demo's pretraining (docs/BENCHMARKS.md): on a CPU that
+    trains in bf16, compiling runs 1.2-1.35x the eager steps for 15-35 s of compiling; in fp32
+    it saved little (Ice Lake) or nothing (AVX2), and inductor needs a C++ compiler there.
+    GPUs stay eager until measured."""
+    if cfg.compile != "auto":
+        return bool(cfg.compile)
+    return device.type == "cpu" and amp_dtype == torch.bfloat16 and cpp_compiler() is not None
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -432,7 +454,10 @@ class Trainer:
                           else None)
         else:
             wrapped = model
-        if cfg.compile:
+        if compile_pays(cfg, self.device, self.amp_dtype):
+            if d.is_main and cfg.progress:
+                print("torch.compile: the first steps wait while the model compiles.",
+                      file=sys.stderr)
             wrapped.compile()  # in place: parameter names (and checkpoints) stay unchanged
         return wrapped
 
