@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -213,14 +214,37 @@ def test_compile_auto_compiles_only_where_it_was_measured_to_pay(
         load_config(TrainConfig, None, ["compile=sometimes"])
 
 
-def test_cpp_compiler_follows_cxx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    fake = tmp_path / "my-c++"
-    fake.write_text("#!/bin/sh\n")
+def test_a_compiled_run_evaluates_eagerly(data_dir: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A no-grad evaluation would be a second graph to compile (27 s cold for the demo on a
+    # 2-core CPU). A backend that records the grad mode of each graph it is given, no inductor.
+    grad_modes: list[bool] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        grad_modes.append(torch.is_grad_enabled())
+        return gm.forward
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: compile_module(self, backend=recording_backend))
+    torch._dynamo.reset()
+    run = pretrain_main(TINY, tiny(data_dir, tmp_path / "a", "train.steps=4", "train.compile=true",
+                                   "train.eval_interval=2", "train.eval_tokens=64"), False)
+    torch._dynamo.reset()
+    vals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in vals if "val_loss" in r] == [2, 4]
+    assert grad_modes and all(grad_modes)  # only training graphs were compiled
+
+def test_cpp_compiler_is_the_one_inductor_would_use(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    from torch._inductor import config as inductor_config
+
+    fake = tmp_path / "my-c++"  # answers `--version` like a compiler
+    fake.write_text("#!/bin/sh\necho my-c++ 1.0\n")
     fake.chmod(0o755)
-    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(fake)))
     assert loop.cpp_compiler() == str(fake)
-    monkeypatch.delenv("CXX")
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "missing")))
     assert loop.cpp_compiler() is None
 
 FAULTS_OF_REPEATED_BIG_ALLOCATIONS = """
