@@ -214,14 +214,15 @@ def test_compile_auto_compiles_only_where_it_was_measured_to_pay(
         load_config(TrainConfig, None, ["compile=sometimes"])
 
 
-def test_a_compiled_run_evaluates_eagerly(data_dir: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # A no-grad evaluation would be a second graph to compile (27 s cold for the demo on a
-    # 2-core CPU). A backend that records the grad mode of each graph it is given, no inductor.
-    grad_modes: list[bool] = []
+def test_a_compiled_cpu_run_compiles_ordered_kernels_and_evaluates_eagerly(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backend that records, for each graph it is given, the grad mode (a no-grad graph would
+    # be evaluation compiled: 27 s cold for the demo on a 2-core CPU) and whether deterministic
+    # mode is on (inductor's atomic adds made two compiled runs of one seed part ways).
+    seen: list[tuple[bool, bool]] = []
 
     def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        grad_modes.append(torch.is_grad_enabled())
+        seen.append((torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled()))
         return gm.forward
 
     compile_module = torch.nn.Module.compile
@@ -233,7 +234,10 @@ def test_a_compiled_run_evaluates_eagerly(data_dir: Path, tmp_path: Path,
     torch._dynamo.reset()
     vals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in vals if "val_loss" in r] == [2, 4]
-    assert grad_modes and all(grad_modes)  # only training graphs were compiled
+    assert seen and all(grad for grad, _ in seen)  # only training graphs were compiled
+    assert all(ordered for _, ordered in seen)
+    assert not torch.are_deterministic_algorithms_enabled()  # as it was before the run
+
 
 def test_cpp_compiler_is_the_one_inductor_would_use(monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path: Path) -> None:
