@@ -180,6 +180,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # T 256, 4 heads of 64, bf16, an AMX Xeon): 5.2-6.3 ms against the kernel's 9.2-11.3. It loses
 # at T 512 (86 against 61 ms at batch 16), in fp32 and eager, so the model uses it only
 # compiled, in bf16, up to this length (docs/BENCHMARKS.md, "A faster attention backward").
+# Caution: compiled demo pretraining with it completed fewer held-out facts than with SDPA's
+# backward on three seeds of three (docs/BENCHMARKS.md, "The demo's pretraining compiled").
 FAST_BACKWARD_MAX_LEN = 256
 
 
