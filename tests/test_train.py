@@ -196,7 +196,6 @@ def test_fast_bf16_needs_the_bf16_instructions_not_just_avx512(
     assert loop.cpu_has_fast_bf16()
 
 
-
 def test_compile_auto_compiles_only_where_it_was_measured_to_pay(
         monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16

@@ -181,7 +181,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # at T 512 (86 against 61 ms at batch 16), in fp32 and eager, so the model uses it only
 # compiled, in bf16, up to this length (docs/BENCHMARKS.md, "A faster attention backward").
 # Caution: compiled demo pretraining with it completed fewer held-out facts than with SDPA's
-# backward on three seeds of three (docs/BENCHMARKS.md, "The demo's pretraining compiled").
+# backward, on each of the three seeds tried (docs/BENCHMARKS.md, "The demo's pretraining
+# compiled").
 FAST_BACKWARD_MAX_LEN = 256
 
 
