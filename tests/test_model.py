@@ -146,20 +146,36 @@ def test_cpu_attention_backward_is_the_exact_gradient():
     q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c: CausalAttentionCPU.apply(a, b, c, 0.5),
                                     (q, k, v))
-    # In bf16 its gradients are as close to fp64's as the flash kernel's own backward.
-    q, k, v = (torch.randn(2, 4, 64, 32, dtype=torch.float64) for _ in range(3))
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 8.0])
+def test_cpu_attention_backward_in_bf16_is_near_the_kernels(sharpness):
+    # In bf16 its gradients are about as close to fp64's as the flash kernel's own backward,
+    # also for sharp attention (scores of tens, as in a trained model), where scores rounded to
+    # bf16 before the exp were 5-7x further off than the kernel (now 1.3-1.5x: its gradient of
+    # the weights still comes from a bf16 matmul). The backward runs under autocast, as a
+    # compiled training step traces it.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, dtype=torch.float64).bfloat16() for _ in range(3))
+    q = (q * sharpness).bfloat16()
     grad_out = torch.randn_like(q)
 
     def grads(attend, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        attend(*leaves).backward(grad_out.to(dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attend(*leaves, scale=32**-0.5).backward(grad_out.to(dtype))
         return [t.grad.double() for t in leaves]
 
-    exact = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
-                  torch.float64)
-    ours = grads(lambda a, b, c: CausalAttentionCPU.apply(a, b, c, 32**-0.5), torch.bfloat16)
-    for got, want in zip(ours, exact):
-        assert ((got - want).norm() / want.norm()).item() < 1e-2
+    def sdpa(a, b, c, scale):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=scale)
+
+    exact = grads(sdpa, torch.float64)
+    kernel = grads(sdpa, torch.bfloat16)
+    ours = grads(lambda a, b, c, scale: CausalAttentionCPU.apply(a, b, c, scale), torch.bfloat16)
+    for got, reference, want in zip(ours, kernel, exact):
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < 2 * ((reference - want).norm() / want.norm()).item()
+        assert error < 1e-2
 
 
 def _bf16_grads(model, idx):

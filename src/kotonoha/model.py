@@ -177,12 +177,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # attention in a demo training step. `CausalAttentionCPU` keeps the kernel's forward and writes
 # the backward as the textbook matmuls and elementwise ops, from the log-sum-exp the forward
 # saved; torch.compile fuses those. Forward + backward per layer at the demo's shapes (batch 8,
-# T 256, 4 heads of 64, bf16, an AMX Xeon): 5.2-6.3 ms against the kernel's 9.2-11.3. It loses
-# at T 512 (86 against 61 ms at batch 16), in fp32 and eager, so the model uses it only
-# compiled, in bf16, up to this length (docs/BENCHMARKS.md, "A faster attention backward").
-# Caution: compiled demo pretraining with it completed fewer held-out facts than with SDPA's
-# backward, on each of the three seeds tried (docs/BENCHMARKS.md, "The demo's pretraining
-# compiled").
+# T 256, 4 heads of 64, bf16, an AMX Xeon): 7.8 ms against the kernel's 11.3. It loses at
+# T 512 (86 against 61 ms at batch 16), in fp32 and eager, so the model uses it only
+# compiled, in bf16, up to this length (docs/BENCHMARKS.md, "A faster attention backward" and
+# "The matmul backward's precision").
 FAST_BACKWARD_MAX_LEN = 256
 
 
@@ -203,14 +201,22 @@ class CausalAttentionCPU(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         T = q.shape[-2]
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        # The attention weights again, in fp32, from the log-sum-exp of each query's scores.
-        scores = (q @ k.transpose(-1, -2)).float() * ctx.scale
-        probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~causal, 0.0)
-        grad_v = probs.to(q.dtype).transpose(-1, -2) @ grad_out
-        grad_probs = (grad_out @ v.transpose(-1, -2)).float()
-        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # = sum(P * dP)
-        grad_scores = (probs * (grad_probs - row_dot) * ctx.scale).to(q.dtype)
-        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None
+        # Autocast off: compiled, the backward is traced under the forward's autocast, which
+        # would turn the fp32 matmuls below back into bf16 ones.
+        with torch.autocast(q.device.type, enabled=False):
+            # The attention weights again, in fp32, from each query's log-sum-exp. The scores
+            # come from an fp32 matmul, as in the kernel: rounded to bf16 (2^-9 of a score)
+            # before the exp, at sharp attention (a trained model's) the gradients came out 5-7x
+            # further from fp64's than the kernel's, and compiled demo pretraining completed 9
+            # points fewer held-out facts. An fp32 matmul for the gradient of the weights too
+            # would match the kernel's error exactly (1.3-1.5x now) but cost 2.5 of 7.8 ms.
+            scores = (q.float() @ k.float().transpose(-1, -2)) * ctx.scale
+            probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~causal, 0.0)
+            grad_v = probs.to(q.dtype).transpose(-1, -2) @ grad_out
+            grad_probs = (grad_out @ v.transpose(-1, -2)).float()
+            row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # = sum(P * dP)
+            grad_scores = (probs * (grad_probs - row_dot) * ctx.scale).to(q.dtype)
+            return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None
 
 
 class KVCache(nn.Module):
