@@ -152,7 +152,7 @@ def test_cpu_attention_backward_is_the_exact_gradient():
 def test_cpu_attention_backward_in_bf16_is_near_the_kernels(sharpness):
     # In bf16 its gradients are about as close to fp64's as the flash kernel's own backward,
     # also for sharp attention (scores of tens, as in a trained model), where scores rounded to
-    # bf16 before the exp were 5-7x further off than the kernel (now 1.3-1.5x: its gradient of
+    # bf16 before the exp were about 5x further off than the kernel (now 1.3-1.5x: its gradient of
     # the weights still comes from a bf16 matmul). The backward runs under autocast, as a
     # compiled training step traces it.
     torch.manual_seed(0)

@@ -178,9 +178,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # the backward as the textbook matmuls and elementwise ops, from the log-sum-exp the forward
 # saved; torch.compile fuses those. Forward + backward per layer at the demo's shapes (batch 8,
 # T 256, 4 heads of 64, bf16, an AMX Xeon): 7.8 ms against the kernel's 11.3. It loses at
-# T 512 (86 against 61 ms at batch 16), in fp32 and eager, so the model uses it only
-# compiled, in bf16, up to this length (docs/BENCHMARKS.md, "A faster attention backward" and
-# "The matmul backward's precision").
+# T 512 (86 against 61 ms at batch 16, before its scores were fp32), in fp32 and eager, so
+# it is used only compiled, in bf16, up to this length (docs/BENCHMARKS.md, "A faster
+# attention backward" and "The matmul backward's precision").
 FAST_BACKWARD_MAX_LEN = 256
 
 
